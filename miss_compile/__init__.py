@@ -1,0 +1,27 @@
+"""miss_compile: MiSS adapters (PEFT-compatible) made fast and deployable."""
+
+from .checkpoint import load_adapter, read_adapter, save_adapter
+from .config import MissConfig
+from .inject import (
+    adapters_disabled,
+    apply_miss,
+    enable_adapters,
+    merge_adapters,
+    set_active_adapters,
+    unmerge_adapters,
+)
+from .layer import MissLinear
+
+__all__ = [
+    "MissConfig",
+    "MissLinear",
+    "apply_miss",
+    "load_adapter",
+    "read_adapter",
+    "save_adapter",
+    "set_active_adapters",
+    "enable_adapters",
+    "adapters_disabled",
+    "merge_adapters",
+    "unmerge_adapters",
+]

@@ -1,0 +1,220 @@
+"""PEFT-format MiSS checkpoints: adapter_config.json + adapter_model.safetensors.
+
+Keys are PEFT's, adapter name dropped: `base_model.model.<module>.miss_block`, where <module> is
+the layer's name under the transformers model. Files are written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import MissConfig
+from .inject import apply_miss
+from .peft_compat import adapter_variant, named_miss_layers, peft_tuner
+
+__all__ = ["save_adapter", "load_adapter", "read_adapter"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+KEY_SUFFIX = ".miss_block"
+
+
+def _key(layer_name: str) -> str:
+    return f"{KEY_PREFIX}{layer_name}{KEY_SUFFIX}"
+
+
+def _layer_name(key: str) -> str | None:
+    if key.startswith(KEY_PREFIX) and key.endswith(KEY_SUFFIX):
+        return key[len(KEY_PREFIX) : -len(KEY_SUFFIX)]
+    return None
+
+
+def _layers_with(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
+    return {name: layer for name, layer in named_miss_layers(model).items() if adapter_name in layer.miss_block}
+
+
+def _config_of(layers: dict[str, nn.Module], adapter_name: str) -> MissConfig:
+    """The config that re-creates `adapter_name` on exactly these layers."""
+    layer = next(iter(layers.values()))
+    variant = adapter_variant(layer, adapter_name)
+    dropout = layer.miss_dropout[adapter_name]
+    return MissConfig(
+        r=layer.miss_r[adapter_name],
+        variant=variant,
+        mini_r=layer.miss_mini_r[adapter_name],
+        dropout=float(getattr(dropout, "p", 0.0)),
+        target_modules=sorted(layers),
+    )
+
+
+def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write `adapter_name` in PEFT's layout; PEFT's `PeftModel.from_pretrained` reads it as is."""
+    layers = _layers_with(model, adapter_name)
+    if not layers:
+        raise ValueError(f"no layer carries an adapter named {adapter_name!r}; nothing to save")
+    merged = [name for name, layer in layers.items() if adapter_name in layer.merged_adapters]
+    if merged:
+        logger.info("saving %r while merged into %d layers; blocks are saved as they are", adapter_name, len(merged))
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {_key(name): layer.miss_block[adapter_name].detach().cpu().contiguous() for name, layer in layers.items()}
+    config = _config_of(layers, adapter_name).to_peft_dict()
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    return directory
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[MissConfig, dict[str, torch.Tensor]]:
+    """The config and the blocks (layer name -> tensor) of a PEFT-format MiSS adapter folder."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: not a PEFT adapter folder")
+    try:
+        fields = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON ({error}); re-save or re-download the adapter") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got {type(fields).__name__}")
+    try:
+        config = MissConfig.from_peft(fields)
+    except ValueError as error:
+        raise ValueError(f"{config_path}: {error}") from None
+    return config, _read_blocks(directory)
+
+
+def _read_blocks(directory: Path) -> dict[str, torch.Tensor]:
+    weights_path = directory / WEIGHTS_NAME
+    if weights_path.is_file():
+        try:
+            state = load_file(weights_path)
+        except Exception as error:  # safetensors raises its own error types for damaged files
+            raise ValueError(
+                f"{weights_path} is truncated or corrupted ({error}); re-save or re-download the adapter"
+            ) from None
+    elif (directory / LEGACY_WEIGHTS_NAME).is_file():
+        # Legacy PEFT checkpoints: tensors only, never arbitrary pickled objects.
+        state = torch.load(directory / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{weights_path} not found (nor {LEGACY_WEIGHTS_NAME}): the adapter has no weights")
+    blocks, unexpected = {}, []
+    for key, tensor in state.items():
+        name = _layer_name(key)
+        if name is None:
+            unexpected.append(key)
+        else:
+            blocks[name] = tensor
+    if unexpected:
+        raise ValueError(
+            f"{directory}: keys that are not MiSS blocks ({KEY_PREFIX}<module>{KEY_SUFFIX}): {sorted(unexpected)}"
+        )
+    return blocks
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str = "default",
+    check_finite: bool = False,
+) -> nn.Module:
+    """Load a PEFT-format MiSS adapter into `model` as `adapter_name`; returns `model`.
+
+    Layers that lack the adapter get it from the checkpoint's config first. Shapes, variant and
+    key coverage are checked and every mismatch named before anything is written; on failure the
+    model is left exactly as it was.
+    """
+    config, blocks = read_adapter(directory)
+    injected = not _layers_with(model, adapter_name)
+    trainable = {param: param.requires_grad for param in model.parameters()}
+    if injected:
+        apply_miss(model, config, adapter_name)
+    try:
+        layers = _layers_with(model, adapter_name)
+        _check_blocks(layers, blocks, config, adapter_name, check_finite, directory)
+        with torch.no_grad():
+            for name, layer in layers.items():
+                target = layer.miss_block[adapter_name]
+                target.copy_(blocks[name].to(device=target.device, dtype=target.dtype))
+    except BaseException:
+        if injected:
+            _remove_adapter(model, adapter_name)
+            for param, flag in trainable.items():
+                param.requires_grad_(flag)
+        raise
+    return model
+
+
+def _check_blocks(
+    layers: dict[str, nn.Module],
+    blocks: dict[str, torch.Tensor],
+    config: MissConfig,
+    adapter_name: str,
+    check_finite: bool,
+    directory: str | os.PathLike,
+) -> None:
+    problems = []
+    missing = sorted(set(layers) - set(blocks))
+    unexpected = sorted(set(blocks) - set(layers))
+    if missing:
+        problems.append(f"missing blocks for adapted layers: {[_key(name) for name in missing]}")
+    if unexpected:
+        problems.append(f"blocks for layers without adapter {adapter_name!r}: {[_key(name) for name in unexpected]}")
+    for name in sorted(set(layers) & set(blocks)):
+        layer, block = layers[name], blocks[name]
+        expected = tuple(layer.miss_block[adapter_name].shape)
+        if tuple(block.shape) != expected:
+            problems.append(
+                f"{_key(name)}: shape {tuple(block.shape)} in the file, {expected} in the model "
+                f"(in_features={layer.in_features}, out_features={layer.out_features})"
+            )
+        if adapter_variant(layer, adapter_name) != config.variant:
+            problems.append(
+                f"{name}: the checkpoint is {config.variant!r}, the model's adapter "
+                f"{adapter_name!r} is {adapter_variant(layer, adapter_name)!r}"
+            )
+        if adapter_name in layer.merged_adapters:
+            problems.append(f"{name}: adapter {adapter_name!r} is merged; unmerge before loading new weights")
+        if not block.is_floating_point():
+            problems.append(f"{_key(name)}: dtype {block.dtype} is not floating point")
+        elif check_finite and not torch.isfinite(block).all():
+            problems.append(f"{_key(name)}: holds NaN or Inf")
+    if problems:
+        listing = "\n  ".join(problems)
+        raise ValueError(f"cannot load adapter {adapter_name!r} from {directory}:\n  {listing}")
+
+
+def _remove_adapter(model: nn.Module, adapter_name: str) -> None:
+    tuner = peft_tuner(model)
+    if tuner is not None:
+        tuner.delete_adapter(adapter_name)
+        return
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if getattr(child, "miss_block", None) is not None and adapter_name in child.miss_block:
+                child.remove_adapter(adapter_name)
+                if not child.miss_block:  # we wrapped it for this adapter: put the plain layer back
+                    setattr(parent, child_name, child.base_layer)

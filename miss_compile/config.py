@@ -1,0 +1,186 @@
+"""MissConfig: what to adapt and how, with conversions to and from PEFT's MissConfig fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = ["MissConfig", "VARIANTS"]
+
+VARIANTS = ("balance", "bat", "mini")
+INITS = ("zeros", "random")
+ALL_LINEAR = "all-linear"
+
+Variant = Literal["balance", "bat", "mini"]
+
+
+@dataclass
+class MissConfig:
+    """One MiSS adapter's settings.
+
+    target_modules: a list of module-name suffixes, a regex (full match on the module name),
+    or "all-linear" (every Linear / Conv1D except the model's output head).
+    init: "zeros" (PEFT's default, the adapted model starts equal to the base) or "random"
+    (PEFT's `init_weights=False`, Kaiming uniform). Only the block's starting value depends on it.
+    """
+
+    r: int = 64
+    variant: Variant = "balance"
+    mini_r: int = 1
+    dropout: float = 0.0
+    target_modules: list[str] | str = ALL_LINEAR
+    exclude_modules: list[str] | str | None = None
+    init: Literal["zeros", "random"] = "zeros"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        self.validate()
+
+    def validate(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"MissConfig.r must be a positive integer, got {self.r!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"MissConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
+        if isinstance(self.mini_r, bool) or not isinstance(self.mini_r, int) or self.mini_r <= 0:
+            raise ValueError(f"MissConfig.mini_r must be a positive integer, got {self.mini_r!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"MissConfig.dropout must be a float in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ValueError(f"MissConfig.init must be one of {INITS}, got {self.init!r}")
+        _check_module_selector("target_modules", self.target_modules, allow_none=False)
+        _check_module_selector("exclude_modules", self.exclude_modules, allow_none=True)
+
+    def check_layer(self, name: str, in_features: int, out_features: int) -> None:
+        """The per-layer rules; raised at apply time with the layer's name and shape."""
+        shape = f"layer {name!r} (in_features={in_features}, out_features={out_features})"
+        if self.r > in_features:
+            raise ValueError(f"{shape}: r={self.r} must be <= in_features; lower r or exclude the layer")
+        if self.variant == "bat" and (in_features % self.r or out_features % self.r):
+            raise ValueError(
+                f"{shape}: variant 'bat' needs in_features and out_features divisible by r={self.r}; "
+                "pick an r dividing both, use variant 'balance', or exclude the layer"
+            )
+        if self.variant == "mini" and out_features % self.mini_r:
+            raise ValueError(
+                f"{shape}: variant 'mini' needs out_features divisible by mini_r={self.mini_r}; "
+                "pick a mini_r dividing out_features or exclude the layer"
+            )
+
+    def block_shape(self, in_features: int, out_features: int) -> tuple[int, ...]:
+        if self.variant == "bat":
+            return (out_features // self.r, self.r, self.r)
+        if self.variant == "mini":
+            return (self.r, self.mini_r)
+        return (self.r, out_features)
+
+    # --- module selection (PEFT's rules: exact name or ".suffix" for lists, fullmatch for regex)
+
+    def is_excluded(self, name: str) -> bool:
+        return self.exclude_modules is not None and _selected(self.exclude_modules, name)
+
+    def selects(self, name: str) -> bool:
+        """Whether a module name is targeted by target_modules (not for "all-linear")."""
+        if self.target_modules == ALL_LINEAR:
+            raise ValueError("'all-linear' selects by module type, not by name")
+        return not self.is_excluded(name) and _selected(self.target_modules, name)
+
+    # --- PEFT conversions
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        """PEFT's MissConfig fields (the adapter_config.json of a PEFT checkpoint)."""
+        if self.variant == "balance":
+            init_weights: bool | str = self.init == "zeros"
+        else:
+            # PEFT starts bat and mini at zero; a random start is ours only and is carried by the weights.
+            init_weights = self.variant
+        return {
+            "peft_type": "MISS",
+            "r": self.r,
+            "mini_r": self.mini_r,
+            "miss_dropout": float(self.dropout),
+            "init_weights": init_weights,
+            "target_modules": self.target_modules,
+            "exclude_modules": self.exclude_modules,
+            "bias": "none",
+            "modules_to_save": None,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+        }
+
+    def to_peft(self) -> Any:
+        """A `peft.MissConfig` (needs the optional `peft` extra)."""
+        try:
+            import peft
+        except ImportError as error:
+            raise ImportError("MissConfig.to_peft needs PEFT: pip install 'miss-compile[peft]'") from error
+        fields = self.to_peft_dict()
+        fields.pop("peft_type")
+        return peft.MissConfig(**fields)
+
+    @classmethod
+    def from_peft(cls, peft_config: Any) -> MissConfig:
+        """From a `peft.MissConfig` or its JSON dict (adapter_config.json)."""
+        fields = peft_config if isinstance(peft_config, Mapping) else dataclasses.asdict(peft_config)
+        peft_type = str(getattr(fields.get("peft_type"), "value", fields.get("peft_type")))
+        if peft_type != "MISS":
+            raise ValueError(f"peft_type is {peft_type!r}, expected 'MISS': this is not a MiSS adapter")
+        unsupported = {
+            key: fields[key]
+            for key in ("layers_to_transform", "layers_pattern", "modules_to_save")
+            if fields.get(key)
+        }
+        if unsupported:
+            raise ValueError(f"PEFT MissConfig fields not supported yet: {unsupported}; use target_modules instead")
+        if fields.get("bias", "none") != "none":
+            raise ValueError(f"PEFT MissConfig.bias={fields['bias']!r} is not supported; only 'none'")
+        init_weights = fields.get("init_weights", True)
+        if init_weights in ("bat", "mini"):
+            variant, init = init_weights, "zeros"
+        elif isinstance(init_weights, bool):
+            variant, init = "balance", ("zeros" if init_weights else "random")
+        else:
+            raise ValueError(f"PEFT MissConfig.init_weights must be True, False, 'bat' or 'mini', got {init_weights!r}")
+        target_modules = fields.get("target_modules")
+        if target_modules is None:
+            raise ValueError("PEFT MissConfig.target_modules is None; name the modules (or 'all-linear')")
+        return cls(
+            r=fields.get("r", 64),
+            variant=variant,
+            mini_r=fields.get("mini_r", 1),
+            dropout=fields.get("miss_dropout", 0.0),
+            target_modules=target_modules,
+            exclude_modules=fields.get("exclude_modules"),
+            init=init,
+        )
+
+
+def _check_module_selector(field_name: str, value: object, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, str):
+        if value == ALL_LINEAR and field_name == "target_modules":
+            return
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"MissConfig.{field_name} is not a valid regex ({error}): {value!r}") from error
+        return
+    if isinstance(value, list) and value and all(isinstance(item, str) and item for item in value):
+        return
+    raise ValueError(
+        f"MissConfig.{field_name} must be a non-empty list of module-name suffixes or a regex string"
+        f"{' or None' if allow_none else ' or ' + repr(ALL_LINEAR)}, got {value!r}"
+    )
+
+
+def _selected(selector: list[str] | str, name: str) -> bool:
+    if isinstance(selector, str):
+        return re.fullmatch(selector, name) is not None
+    return any(name == key or name.endswith("." + key) for key in selector)
+

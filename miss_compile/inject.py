@@ -1,0 +1,245 @@
+"""apply_miss and the model-level verbs: choose, disable, merge and unmerge adapters.
+
+Every verb takes our models and live PEFT MiSS models alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from . import reference
+from .config import ALL_LINEAR, MissConfig
+from .layer import MissLinear, base_features
+from .peft_compat import adapter_variant, is_miss_layer, model_root, named_miss_layers, peft_tuner
+
+__all__ = [
+    "apply_miss",
+    "set_active_adapters",
+    "enable_adapters",
+    "adapters_disabled",
+    "merge_adapters",
+    "unmerge_adapters",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def apply_miss(model: nn.Module, config: MissConfig, adapter_name: str = "default") -> nn.Module:
+    """Add adapter `adapter_name` to every layer `config` targets; returns `model` (changed in place).
+
+    Everything except MiSS blocks is frozen. All checks run before the model is touched, and a
+    failure part-way restores it, so a failed apply leaves the model exactly as it was.
+    """
+    config.validate()
+    tuner = peft_tuner(model)
+    targets = find_targets(model_root(model), config)
+    for name, module in targets.items():
+        _check_target(name, module, config, adapter_name)
+    if tuner is not None:
+        return _apply_to_peft(model, tuner, config, adapter_name, list(targets))
+    return _apply_to_ours(model, config, adapter_name, targets)
+
+
+def find_targets(root: nn.Module, config: MissConfig) -> dict[str, nn.Module]:
+    """name -> layer (plain or already MiSS-carrying) that `config` selects under `root`."""
+    output_head = root.get_output_embeddings() if hasattr(root, "get_output_embeddings") else None
+    targets: dict[str, nn.Module] = {}
+    inside_miss_layer: list[str] = []
+    for name, module in root.named_modules():
+        if not name or any(name.startswith(prefix + ".") for prefix in inside_miss_layer):
+            continue
+        adaptable = is_miss_layer(module) or base_features(module) is not None
+        if is_miss_layer(module):
+            inside_miss_layer.append(name)
+        if config.is_excluded(name):
+            continue
+        if config.target_modules == ALL_LINEAR:
+            base = getattr(module, "base_layer", module)
+            if adaptable and base is not output_head:
+                targets[name] = module
+        elif config.selects(name):
+            if not adaptable:
+                raise ValueError(
+                    f"target_modules selects {name!r}, a {type(module).__name__}; MiSS adapts nn.Linear and "
+                    "Conv1D only: narrow target_modules or add the module to exclude_modules"
+                )
+            targets[name] = module
+    if not targets:
+        raise ValueError(
+            f"no layer matched target_modules={config.target_modules!r} (exclude_modules="
+            f"{config.exclude_modules!r}) in {type(root).__name__}; check the module names with model.named_modules()"
+        )
+    return targets
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    if is_miss_layer(module):
+        return module.in_features, module.out_features
+    return base_features(module)
+
+
+def _check_target(name: str, module: nn.Module, config: MissConfig, adapter_name: str) -> None:
+    in_features, out_features = _features(module)
+    config.check_layer(name, in_features, out_features)
+    if not is_miss_layer(module):
+        return
+    if adapter_name in module.miss_block:
+        raise ValueError(f"layer {name!r} already has an adapter named {adapter_name!r}; pick another adapter_name")
+    if module.merged:
+        raise ValueError(f"layer {name!r} has merged adapters {module.merged_adapters}; unmerge before adding one")
+    if not isinstance(module, MissLinear) and module.miss_block:
+        existing = adapter_variant(module, next(iter(module.miss_block)))
+        if existing != config.variant:
+            raise ValueError(
+                f"layer {name!r} is a PEFT MissLinear whose adapters are {existing!r}; PEFT computes every adapter "
+                f"of a layer with its first adapter's variant, so a {config.variant!r} adapter would be wrong. "
+                "Use the same variant, or load the adapters into a model adapted with miss_compile.apply_miss"
+            )
+
+
+def _apply_to_ours(
+    model: nn.Module, config: MissConfig, adapter_name: str, targets: dict[str, nn.Module]
+) -> nn.Module:
+    trainable = {param: param.requires_grad for param in model.parameters()}
+    replaced: list[tuple[nn.Module, str, nn.Module]] = []
+    extended: list[MissLinear] = []
+    try:
+        for name, module in targets.items():
+            if isinstance(module, MissLinear):
+                layer = module
+                extended.append(layer)
+            else:
+                layer = MissLinear(module)
+                parent_name, _, child_name = name.rpartition(".")
+                parent = model.get_submodule(parent_name)
+                setattr(parent, child_name, layer)
+                replaced.append((parent, child_name, module))
+            layer.add_adapter(adapter_name, config)
+        for name, param in model.named_parameters():
+            if ".miss_block." not in f".{name}":
+                param.requires_grad_(False)
+    except BaseException:
+        for parent, child_name, original in replaced:
+            setattr(parent, child_name, original)
+        for layer in extended:
+            if adapter_name in layer.miss_block:
+                layer.remove_adapter(adapter_name)
+        for param, flag in trainable.items():
+            param.requires_grad_(flag)
+        raise
+    logger.info("added MiSS adapter %r (%s, r=%d) to %d layers", adapter_name, config.variant, config.r, len(targets))
+    return model
+
+
+def _apply_to_peft(
+    model: nn.Module, tuner: nn.Module, config: MissConfig, adapter_name: str, names: list[str]
+) -> nn.Module:
+    if adapter_name in tuner.peft_config:
+        raise ValueError(f"the PEFT model already has an adapter named {adapter_name!r}; pick another adapter_name")
+    peft_config = config.to_peft()
+    peft_config.target_modules = set(names)  # what we checked is exactly what PEFT adapts
+    try:
+        if hasattr(model, "add_adapter"):
+            model.add_adapter(adapter_name, peft_config)
+        else:
+            tuner.peft_config[adapter_name] = peft_config
+            tuner.inject_adapter(tuner.model, adapter_name)
+    except BaseException:
+        if adapter_name in tuner.peft_config:
+            tuner.delete_adapter(adapter_name)
+        raise
+    return model
+
+
+# --- choosing, disabling, merging
+
+
+def _layers(model: nn.Module) -> dict[str, nn.Module]:
+    layers = named_miss_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MiSS layers; add adapters with apply_miss or load_adapter")
+    return layers
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Every adapter name on the model, in the order first seen."""
+    names: dict[str, None] = {}
+    for layer in _layers(model).values():
+        names.update(dict.fromkeys(layer.miss_block))
+    return list(names)
+
+
+def set_active_adapters(model: nn.Module, names: str | list[str]) -> None:
+    """Activate `names` (several at once is allowed, applied in this order); only they train."""
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [name for name in names if name not in adapter_names(model)]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; the model has {adapter_names(model)}")
+    tuner = peft_tuner(model)
+    if tuner is not None:
+        tuner.set_adapter(names)
+        return
+    for layer in _layers(model).values():
+        layer.set_adapter(names)
+
+
+def enable_adapters(model: nn.Module, enabled: bool = True) -> None:
+    """Turn every adapter off (the base model's outputs) or back on; merged ones are unmerged first."""
+    layers = _layers(model)
+    if not enabled:
+        unmerge_adapters(model)
+    for layer in layers.values():
+        layer.enable_adapters(enabled)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    enable_adapters(model, False)
+    try:
+        yield model
+    finally:
+        enable_adapters(model, True)
+
+
+def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None) -> None:
+    """Fold adapters (default: the active ones) into the base weights, all layers or none."""
+    layers = _layers(model)
+    for name, layer in layers.items():
+        for adapter, block in layer.miss_block.items():
+            if (adapter_names is None or adapter in adapter_names) and not torch.isfinite(block).all():
+                raise ValueError(
+                    f"layer {name!r}: adapter {adapter!r} block {tuple(block.shape)} holds NaN or Inf; "
+                    "refusing to merge. Reload the adapter."
+                )
+    done: list[nn.Module] = []
+    try:
+        for layer in layers.values():
+            if isinstance(layer, MissLinear):
+                layer.merge(adapter_names)
+            else:
+                layer.merge(safe_merge=True, adapter_names=adapter_names)
+            done.append(layer)
+    except BaseException:
+        for layer in done:
+            layer.unmerge()
+        raise
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    """Restore every base weight; checks every bat inverse first, so it is all layers or none."""
+    layers = _layers(model)
+    for name, layer in layers.items():
+        for adapter in layer.merged_adapters:
+            if adapter_variant(layer, adapter) == "bat":
+                try:
+                    reference.check_bat_unmerge(layer.miss_block[adapter].detach())
+                except ValueError as error:
+                    raise ValueError(f"layer {name!r}, adapter {adapter!r}: {error}") from None
+    for layer in layers.values():
+        if layer.merged:
+            layer.unmerge()

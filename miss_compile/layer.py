@@ -1,0 +1,154 @@
+"""MissLinear: a Linear (or GPT-2 Conv1D) carrying named MiSS adapters.
+
+Attribute names follow PEFT's MissLayer (`base_layer`, `miss_block`, `miss_r`, `miss_mini_r`,
+`miss_dropout`, `set_adapter`, `enable_adapters`, `merge`, `unmerge`), so model-level code and
+checkpoints treat our layers and PEFT's alike. Unlike PEFT, each adapter keeps its own variant.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from . import reference
+from .config import MissConfig
+
+__all__ = ["MissLinear", "base_features"]
+
+logger = logging.getLogger(__name__)
+
+
+def base_features(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a layer MiSS can adapt, else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        in_features, out_features = module.weight.shape  # Conv1D stores [in, out]
+        return in_features, out_features
+    return None
+
+
+class MissLinear(nn.Module):
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        features = base_features(base_layer)
+        if features is None:
+            raise TypeError(f"MiSS adapts nn.Linear and transformers' Conv1D, not {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = features
+        self.miss_block = nn.ParameterDict()
+        self.miss_dropout = nn.ModuleDict()
+        self.miss_variant: dict[str, str] = {}
+        self.miss_r: dict[str, int] = {}
+        self.miss_mini_r: dict[str, int] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+
+    # --- adapters
+
+    def add_adapter(self, name: str, config: MissConfig, dtype: torch.dtype = torch.float32) -> None:
+        if name in self.miss_block:
+            raise ValueError(f"adapter {name!r} already exists on this layer; pick another adapter_name")
+        if self.merged:
+            raise ValueError(f"cannot add adapter {name!r} while {self.merged_adapters} are merged; unmerge first")
+        shape = config.block_shape(self.in_features, self.out_features)
+        block = torch.zeros(shape, dtype=dtype, device=self.base_weight().device)
+        if config.init == "random":
+            nn.init.kaiming_uniform_(block, a=math.sqrt(5))  # PEFT's init_weights=False
+        self.miss_block[name] = nn.Parameter(block)
+        self.miss_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.miss_variant[name] = config.variant
+        self.miss_r[name] = config.r
+        self.miss_mini_r[name] = config.mini_r
+        if not self.active_adapters:
+            self.set_adapter([name])
+        else:
+            self.miss_block[name].requires_grad_(False)
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"cannot remove adapter {name!r} while it is merged; unmerge first")
+        del self.miss_block[name]
+        del self.miss_dropout[name]
+        for table in (self.miss_variant, self.miss_r, self.miss_mini_r):
+            del table[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def set_adapter(self, names: str | list[str]) -> None:
+        """Make `names` the active adapters (in this order); only they train."""
+        names = [names] if isinstance(names, str) else list(names)
+        if self.merged:
+            logger.warning("unmerging %s before switching adapters to %s", self.merged_adapters, names)
+            self.unmerge()
+        for name, block in self.miss_block.items():
+            block.requires_grad_(name in names)
+        self.active_adapters = [name for name in names if name in self.miss_block]
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if not enabled and self.merged:
+            self.unmerge()
+        self.disable_adapters = not enabled
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    # --- base weight in Linear layout [out, in], whatever the base layer stores
+
+    def base_weight(self) -> torch.Tensor:
+        weight = self.base_layer.weight
+        return weight.t() if isinstance(self.base_layer, Conv1D) else weight
+
+    @torch.no_grad()
+    def _write_base_weight(self, weight: torch.Tensor) -> None:
+        # In place: optimizers, tied weights and compiled graphs keep the same Parameter.
+        self.base_weight().copy_(weight)
+
+    # --- merge
+
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the base weight, in order."""
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        names = [name for name in names if name in self.miss_block and name not in self.merged_adapters]
+        weight = self.base_weight().detach()
+        for name in names:
+            block = self.miss_block[name].detach()
+            if not torch.isfinite(block).all():
+                raise ValueError(f"adapter {name!r} block {tuple(block.shape)} holds NaN or Inf; refusing to merge")
+            weight = reference.merged_weight(weight, block, self.miss_variant[name])
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"merging {names} gives NaN or Inf in the weight {tuple(weight.shape)}; base weight unchanged")
+        self._write_base_weight(weight)
+        self.merged_adapters.extend(names)
+
+    def unmerge(self) -> None:
+        """Restore the base weight; all or nothing (bat refuses when its inverse is ill-conditioned)."""
+        weight = self.base_weight().detach()
+        for name in reversed(self.merged_adapters):
+            weight = reference.unmerged_weight(weight, self.miss_block[name].detach(), self.miss_variant[name])
+        self._write_base_weight(weight)
+        self.merged_adapters = []
+
+    # --- forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Merged adapters are already in the weight; they are always active (set_adapter unmerges).
+        names = [] if self.disable_adapters else [n for n in self.active_adapters if n not in self.merged_adapters]
+        if not names:
+            return self.base_layer(x)
+        return reference.forward(
+            x,
+            self.base_weight(),
+            self.base_layer.bias,
+            [(self.miss_block[name], self.miss_variant[name]) for name in names],
+            [self.miss_dropout[name] for name in names],
+        )
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}: {self.miss_variant[n]} r={self.miss_r[n]}" for n in self.miss_block)
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{adapters}]"

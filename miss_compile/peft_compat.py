@@ -1,0 +1,61 @@
+"""Live PEFT models wherever our API takes a model: finding their MiSS layers and reading them.
+
+PEFT is optional: nothing here imports it unless the caller already has (a PEFT model exists only
+when `peft` is imported).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from torch import nn
+
+from .layer import MissLinear
+
+__all__ = ["peft_tuner", "is_miss_layer", "adapter_variant", "named_miss_layers", "model_root"]
+
+
+def _peft() -> Any:
+    return sys.modules.get("peft")
+
+
+def peft_tuner(model: nn.Module) -> nn.Module | None:
+    """PEFT's MissModel inside a PeftModel (or the MissModel itself); None for other models."""
+    peft = _peft()
+    if peft is None:
+        return None
+    tuner = model.base_model if isinstance(model, peft.PeftModel) else model
+    if isinstance(tuner, peft.tuners.miss.MissModel):
+        return tuner
+    if isinstance(model, peft.PeftModel):
+        raise TypeError(
+            f"this PeftModel carries {type(tuner).__name__} adapters, not MiSS; miss_compile handles MiSS only"
+        )
+    return None
+
+
+def model_root(model: nn.Module) -> nn.Module:
+    """The module whose named_modules() give checkpoint names (PEFT: the wrapped transformers model)."""
+    tuner = peft_tuner(model)
+    return model if tuner is None else tuner.model
+
+
+def is_miss_layer(module: nn.Module) -> bool:
+    if isinstance(module, MissLinear):
+        return True
+    peft = _peft()
+    return peft is not None and isinstance(module, peft.tuners.miss.MissLayer)
+
+
+def adapter_variant(layer: nn.Module, name: str) -> str:
+    if isinstance(layer, MissLinear):
+        return layer.miss_variant[name]
+    # PEFT keeps one variant per layer, set by the layer's first adapter.
+    miss_fn = layer.miss_fn
+    return miss_fn if miss_fn in ("bat", "mini") else "balance"
+
+
+def named_miss_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every MiSS-carrying layer, by its name under model_root(model)."""
+    return {name: module for name, module in model_root(model).named_modules() if is_miss_layer(module)}
