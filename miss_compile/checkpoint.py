@@ -212,7 +212,7 @@ def _remove_adapter(model: nn.Module, adapter_name: str) -> None:
     if tuner is not None:
         tuner.delete_adapter(adapter_name)
         return
-    for parent_name, parent in list(model.named_modules()):
+    for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if getattr(child, "miss_block", None) is not None and adapter_name in child.miss_block:
                 child.remove_adapter(adapter_name)
