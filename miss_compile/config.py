@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -15,6 +16,13 @@ INITS = ("zeros", "random")
 ALL_LINEAR = "all-linear"
 
 Variant = Literal["balance", "bat", "mini"]
+
+# Fields PEFT writes into a MiSS adapter_config.json; anything else is warned about on load.
+PEFT_FIELDS = frozenset({
+    "peft_type", "r", "mini_r", "miss_dropout", "init_weights", "target_modules", "exclude_modules",
+    "bias", "modules_to_save", "layers_to_transform", "layers_pattern", "task_type", "inference_mode",
+    "base_model_name_or_path", "revision", "auto_mapping", "peft_version", "target_parameters",
+})
 
 
 @dataclass
@@ -139,6 +147,9 @@ class MissConfig:
             raise ValueError(f"PEFT MissConfig fields not supported yet: {unsupported}; use target_modules instead")
         if fields.get("bias", "none") != "none":
             raise ValueError(f"PEFT MissConfig.bias={fields['bias']!r} is not supported; only 'none'")
+        unknown = sorted(set(fields) - PEFT_FIELDS)
+        if unknown:
+            warnings.warn(f"ignoring fields unknown to PEFT's MissConfig: {unknown}", stacklevel=2)
         init_weights = fields.get("init_weights", True)
         if init_weights in ("bat", "mini"):
             variant, init = init_weights, "zeros"

@@ -113,3 +113,9 @@ def test_from_peft_lists_and_regexes():
 def test_from_peft_rejects(fields, message):
     with pytest.raises(ValueError, match=message):
         MissConfig.from_peft(fields)
+
+
+def test_from_peft_warns_on_unknown_fields():
+    with pytest.warns(UserWarning, match=r"ignoring fields unknown to PEFT's MissConfig: \['rank_pattern'\]"):
+        config = MissConfig.from_peft({"peft_type": "MISS", "r": 2, "target_modules": ["q"], "rank_pattern": {}})
+    assert config.r == 2

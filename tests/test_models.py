@@ -47,6 +47,20 @@ def test_model_matches_peft(model_name, variant):
     torch.testing.assert_close(model_output(ours, ids), model_output(theirs, ids), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant", list(VARIANT_CONFIGS))
+def test_bf16_model_with_fp32_adapters_matches_peft(variant):
+    base = build("llama", dtype=torch.bfloat16)
+    ours = apply_miss(clone(base), VARIANT_CONFIGS[variant])
+    theirs = peft.get_peft_model(clone(base), VARIANT_CONFIGS[variant].to_peft()).eval()
+    randomize_blocks(ours)
+    copy_blocks(ours, theirs)
+    assert ours.model.layers[0].mlp.up_proj.miss_block["default"].dtype == torch.float32
+    ids = input_ids()
+    out, expected = model_output(ours, ids), model_output(theirs, ids)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+
+
 def test_all_linear_leaves_out_the_output_head():
     model = apply_miss(build("llama"), VARIANT_CONFIGS["balance"])
     assert isinstance(model.lm_head, nn.Linear)
