@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import reference
+from . import ops, reference
 from .config import MissConfig
 
 __all__ = ["MissLinear", "base_features"]
@@ -141,13 +141,18 @@ class MissLinear(nn.Module):
         names = [] if self.disable_adapters else [n for n in self.active_adapters if n not in self.merged_adapters]
         if not names:
             return self.base_layer(x)
-        return reference.forward(
-            x,
-            self.base_weight(),
-            self.base_layer.bias,
-            [(self.miss_block[name], self.miss_variant[name]) for name in names],
-            [self.miss_dropout[name] for name in names],
-        )
+        weight, bias = self.base_weight(), self.base_layer.bias
+        blocks = [self.miss_block[name] for name in names]
+        variants = {self.miss_variant[name] for name in names}
+        if "bat" not in variants:
+            # PEFT's order: cast x to the block's dtype, then dropout.
+            adapter_inputs = [self.miss_dropout[name](x.to(block.dtype)) for name, block in zip(names, blocks, strict=True)]
+            return ops.miss_linear(x, adapter_inputs, weight, bias, blocks)
+        if variants == {"bat"}:
+            return ops.bat_linear(x, weight, bias, blocks)  # bat has no dropout, as in PEFT
+        # bat mixed with balance/mini on one layer: the reference fold (no single op expresses it).
+        terms = [(block, self.miss_variant[name]) for name, block in zip(names, blocks, strict=True)]
+        return reference.forward(x, weight, bias, terms, [self.miss_dropout[name] for name in names])
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}: {self.miss_variant[n]} r={self.miss_r[n]}" for n in self.miss_block)

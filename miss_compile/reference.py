@@ -59,13 +59,13 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def _bat_blocks(weight: torch.Tensor, r: int) -> torch.Tensor:
+def to_bat_blocks(weight: torch.Tensor, r: int) -> torch.Tensor:
     # [out, in] -> [out // r, in // r, r, r]: element [p, q] is block W_pq
     out_features, in_features = weight.shape
     return weight.reshape(out_features // r, r, in_features // r, r).permute(0, 2, 1, 3)
 
 
-def _from_bat_blocks(blocks: torch.Tensor) -> torch.Tensor:
+def from_bat_blocks(blocks: torch.Tensor) -> torch.Tensor:
     n_out, n_in, r, _ = blocks.shape
     return blocks.permute(0, 2, 1, 3).reshape(n_out * r, n_in * r)
 
@@ -76,9 +76,9 @@ def delta_weight(weight: torch.Tensor, block: torch.Tensor, variant: str) -> tor
     out_features, in_features = weight.shape
     if variant == "bat":
         r = block.shape[-1]
-        w_blocks = _bat_blocks(weight.to(dtype), r)
+        w_blocks = to_bat_blocks(weight.to(dtype), r)
         d = block.to(dtype)[:, None]  # [out // r, 1, r, r], broadcast over column blocks q
-        return _from_bat_blocks(w_blocks @ d + d)
+        return from_bat_blocks(w_blocks @ d + d)
     d = expand_block(block, variant, out_features).to(dtype)
     r = d.shape[0]
     n_chunks = -(-in_features // r)
@@ -119,9 +119,9 @@ def unmerged_weight(
         return (merged.to(dtype) - delta_weight(merged, block, variant)).to(merged.dtype)
     eye_plus_d = check_bat_unmerge(block, max_condition)
     d = block.to(dtype)
-    w_blocks = _bat_blocks(merged.to(dtype), block.shape[-1])
+    w_blocks = to_bat_blocks(merged.to(dtype), block.shape[-1])
     restored = (w_blocks - d[:, None]) @ torch.linalg.inv(eye_plus_d.to(dtype))[:, None]
-    return _from_bat_blocks(restored).to(merged.dtype)
+    return from_bat_blocks(restored).to(merged.dtype)
 
 
 def forward(

@@ -1,0 +1,225 @@
+"""The MiSS custom ops (`torch.ops.miss.*`): eager kernels, fake kernels and autograd, side by side.
+
+miss::linear      y = x @ W.T + b + sum_k S(a_k) @ E(D_k)    balance and mini (E repeats a mini block)
+miss::bat_linear  y = x @ fold(W, D_1, ..., D_n).T + b        bat, adapters folded in order
+
+`a_k` is the adapter input of adapter k: x cast to D_k's dtype, then dropout (both outside the op,
+so the op stays deterministic and dropout's own autograd keeps its mask). It may be x itself, or x
+already zero-padded to a multiple of r (PEFT pads). The math is reference.py's; the backward
+formulas are written here so balance/mini save only the chunk sums S(a_k) [tokens, r], never x.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+
+__all__ = ["miss_linear", "bat_linear"]
+
+
+def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    torch._check(weight.dim() == 2, lambda: f"miss: weight must be [out, in], got {tuple(weight.shape)}")
+    torch._check(
+        x.shape[-1] == weight.shape[1],
+        lambda: f"miss: x has {x.shape[-1]} features, weight {tuple(weight.shape)} expects {weight.shape[1]}",
+    )
+    torch._check(
+        bias is None or tuple(bias.shape) == (weight.shape[0],),
+        lambda: f"miss: bias {tuple(bias.shape)} does not match weight {tuple(weight.shape)}",
+    )
+
+
+def _check_chunk_blocks(x: torch.Tensor, adapter_inputs: list[torch.Tensor], weight: torch.Tensor,
+                        blocks: list[torch.Tensor]) -> None:
+    torch._check(len(adapter_inputs) == len(blocks), lambda: "miss.linear: one adapter input per block")
+    out_features = weight.shape[0]
+    for a, block in zip(adapter_inputs, blocks, strict=True):
+        torch._check(block.dim() == 2, lambda: f"miss.linear: block must be [r, out] or [r, mini_r], got {tuple(block.shape)}")
+        torch._check(
+            out_features % block.shape[1] == 0,
+            lambda: f"miss.linear: block {tuple(block.shape)} does not tile out_features={out_features}",
+        )
+        torch._check(
+            a.shape[:-1] == x.shape[:-1] and a.shape[-1] >= x.shape[-1],
+            lambda: f"miss.linear: adapter input {tuple(a.shape)} does not match x {tuple(x.shape)}",
+        )
+
+
+def _expanded(block: torch.Tensor, out_features: int) -> torch.Tensor:
+    variant = "balance" if block.shape[1] == out_features else "mini"
+    return reference.expand_block(block, variant, out_features)
+
+
+# --- miss::linear (balance, mini)
+
+
+@torch.library.custom_op("miss::linear", mutates_args=())
+def miss_linear(
+    x: torch.Tensor,
+    adapter_inputs: list[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    blocks: list[torch.Tensor],
+) -> torch.Tensor:
+    _check_linear(x, weight, bias)
+    _check_chunk_blocks(x, adapter_inputs, weight, blocks)
+    result = F.linear(x, weight, bias)
+    for a, block in zip(adapter_inputs, blocks, strict=True):
+        result = result + reference.chunk_sum(a, block.shape[0]) @ _expanded(block, weight.shape[0])
+    return result.to(x.dtype)
+
+
+@miss_linear.register_fake
+def _(x, adapter_inputs, weight, bias, blocks):
+    _check_linear(x, weight, bias)
+    _check_chunk_blocks(x, adapter_inputs, weight, blocks)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, adapter_inputs, weight, bias, blocks = inputs
+    chunk_sums = [
+        reference.chunk_sum(a, block.shape[0]) if block.requires_grad else None
+        for a, block in zip(adapter_inputs, blocks, strict=True)
+    ]
+    ctx.adapter_widths = [a.shape[-1] for a in adapter_inputs]
+    ctx.adapter_dtypes = [a.dtype for a in adapter_inputs]
+    ctx.x_dtype = x.dtype
+    ctx.has_bias = bias is not None
+    # x itself is saved only if the base weight trains (not the MiSS case).
+    saved_x = x if weight.requires_grad else None
+    ctx.save_for_backward(saved_x, weight, *blocks, *[s for s in chunk_sums if s is not None])
+    ctx.block_has_sum = [s is not None for s in chunk_sums]
+    ctx.n_blocks = len(blocks)
+
+
+def _tile(grad_chunk_sum: torch.Tensor, width: int) -> torch.Tensor:
+    """Adjoint of the chunk sum: d a[..., i] = d S[..., i % r], for a of `width` features."""
+    r = grad_chunk_sum.shape[-1]
+    repeats = -(-width // r)
+    return grad_chunk_sum.repeat(*([1] * (grad_chunk_sum.dim() - 1)), repeats)[..., :width]
+
+
+def _fold_mini(grad_expanded: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    r, mini_r = block.shape
+    return grad_expanded.reshape(r, -1, mini_r).sum(1)
+
+
+def _linear_backward(ctx, grad):
+    saved_x, weight, *rest = ctx.saved_tensors
+    blocks, sums = rest[: ctx.n_blocks], iter(rest[ctx.n_blocks :])
+    out_features = weight.shape[0]
+    grad_x = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
+    grad_weight = grad_bias = None
+    if saved_x is not None:
+        grad_weight = (grad.reshape(-1, out_features).t() @ saved_x.reshape(-1, saved_x.shape[-1])).to(weight.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        grad_bias = grad.reshape(-1, out_features).sum(0)
+    grad_inputs, grad_blocks = [], []
+    for block, width, dtype, has_sum in zip(blocks, ctx.adapter_widths, ctx.adapter_dtypes, ctx.block_has_sum,
+                                            strict=True):
+        expanded = _expanded(block, out_features)
+        grad_adapter = grad.to(torch.promote_types(grad.dtype, block.dtype))
+        grad_inputs.append(_tile(grad_adapter @ expanded.to(grad_adapter.dtype).t(), width).to(dtype))
+        if has_sum:
+            chunk_sum = next(sums)
+            grad_expanded = chunk_sum.reshape(-1, block.shape[0]).t().to(grad_adapter.dtype) @ grad_adapter.reshape(
+                -1, out_features
+            )
+            if block.shape[1] != out_features:
+                grad_expanded = _fold_mini(grad_expanded, block)
+            grad_blocks.append(grad_expanded.to(block.dtype))
+        else:
+            grad_blocks.append(None)
+    return grad_x, grad_inputs, grad_weight, grad_bias, grad_blocks
+
+
+miss_linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+# --- miss::bat_linear
+
+
+def _check_bat_blocks(weight: torch.Tensor, blocks: list[torch.Tensor]) -> None:
+    out_features, in_features = weight.shape
+    for block in blocks:
+        torch._check(block.dim() == 3 and block.shape[1] == block.shape[2],
+                     lambda: f"miss.bat_linear: block must be [out/r, r, r], got {tuple(block.shape)}")
+        r = block.shape[-1]
+        torch._check(
+            block.shape[0] * r == out_features and in_features % r == 0,
+            lambda: f"miss.bat_linear: block {tuple(block.shape)} does not tile weight {tuple(weight.shape)}",
+        )
+
+
+def _compute_dtype(weight: torch.Tensor, blocks: list[torch.Tensor]) -> torch.dtype:
+    dtype = weight.dtype
+    for block in blocks:
+        dtype = torch.promote_types(dtype, block.dtype)
+    return dtype
+
+
+def _bat_folds(weight: torch.Tensor, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[W_0 = W, W_1, ..., W_n] in fp32 (or wider): W_k+1 = W_k + delta(W_k, D_k)."""
+    folds = [weight.to(torch.promote_types(_compute_dtype(weight, blocks), torch.float32))]
+    for block in blocks:
+        folds.append(folds[-1] + reference.delta_weight(folds[-1], block, "bat"))
+    return folds
+
+
+@torch.library.custom_op("miss::bat_linear", mutates_args=())
+def bat_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, blocks: list[torch.Tensor]) -> torch.Tensor:
+    _check_linear(x, weight, bias)
+    _check_bat_blocks(weight, blocks)
+    dtype = _compute_dtype(weight, blocks)
+    folded = _bat_folds(weight, blocks)[-1].to(dtype)
+    return F.linear(x.to(dtype), folded, None if bias is None else bias.to(dtype)).to(x.dtype)
+
+
+@bat_linear.register_fake
+def _(x, weight, bias, blocks):
+    _check_linear(x, weight, bias)
+    _check_bat_blocks(weight, blocks)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _bat_setup_context(ctx, inputs, output):
+    x, weight, bias, blocks = inputs
+    ctx.has_bias = bias is not None
+    ctx.x_dtype = x.dtype
+    ctx.n_blocks = len(blocks)
+    # The folded weight is recomputed in backward rather than kept alive (it is as big as W).
+    ctx.save_for_backward(x, weight, *blocks)
+
+
+def _bat_backward(ctx, grad):
+    x, weight, *blocks = ctx.saved_tensors
+    out_features, in_features = weight.shape
+    dtype = _compute_dtype(weight, blocks)
+    folds = _bat_folds(weight, blocks)
+    grad_c = grad.to(dtype).reshape(-1, out_features)
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = (grad_c @ folds[-1].to(dtype)).reshape(x.shape).to(ctx.x_dtype)
+    grad_bias = grad_c.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    if not (ctx.needs_input_grad[1] or any(ctx.needs_input_grad[3])):
+        return grad_x, None, grad_bias, [None] * len(blocks)
+    # dL/dW_n, then back through W_k+1,pq = W_k,pq (I + D_p) + D_p for k = n-1 .. 0.
+    grad_folded = grad_c.t().to(folds[-1].dtype) @ x.reshape(-1, in_features).to(folds[-1].dtype)
+    grad_blocks: list[torch.Tensor | None] = [None] * len(blocks)
+    for k in reversed(range(len(blocks))):
+        block = blocks[k]
+        r = block.shape[-1]
+        g = reference.to_bat_blocks(grad_folded, r)  # [out/r, in/r, r, r]
+        w = reference.to_bat_blocks(folds[k], r)
+        d = block.to(g.dtype)
+        if ctx.needs_input_grad[3][k]:
+            grad_blocks[k] = (w.transpose(-1, -2) @ g + g).sum(1).to(block.dtype)
+        grad_folded = reference.from_bat_blocks(g + g @ d[:, None].transpose(-1, -2))
+    grad_weight = grad_folded.to(weight.dtype) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_weight, grad_bias, grad_blocks
+
+
+bat_linear.register_autograd(_bat_backward, setup_context=_bat_setup_context)
