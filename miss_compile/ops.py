@@ -154,16 +154,16 @@ def _check_bat_blocks(weight: torch.Tensor, blocks: list[torch.Tensor]) -> None:
         )
 
 
-def _compute_dtype(weight: torch.Tensor, blocks: list[torch.Tensor]) -> torch.dtype:
+def compute_dtype(weight: torch.Tensor, blocks: list[torch.Tensor]) -> torch.dtype:
     dtype = weight.dtype
     for block in blocks:
         dtype = torch.promote_types(dtype, block.dtype)
     return dtype
 
 
-def _bat_folds(weight: torch.Tensor, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+def bat_folds(weight: torch.Tensor, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
     """[W_0 = W, W_1, ..., W_n] in fp32 (or wider): W_k+1 = W_k + delta(W_k, D_k)."""
-    folds = [weight.to(torch.promote_types(_compute_dtype(weight, blocks), torch.float32))]
+    folds = [weight.to(torch.promote_types(compute_dtype(weight, blocks), torch.float32))]
     for block in blocks:
         folds.append(folds[-1] + reference.delta_weight(folds[-1], block, "bat"))
     return folds
@@ -173,8 +173,8 @@ def _bat_folds(weight: torch.Tensor, blocks: list[torch.Tensor]) -> list[torch.T
 def bat_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, blocks: list[torch.Tensor]) -> torch.Tensor:
     _check_linear(x, weight, bias)
     _check_bat_blocks(weight, blocks)
-    dtype = _compute_dtype(weight, blocks)
-    folded = _bat_folds(weight, blocks)[-1].to(dtype)
+    dtype = compute_dtype(weight, blocks)
+    folded = bat_folds(weight, blocks)[-1].to(dtype)
     return F.linear(x.to(dtype), folded, None if bias is None else bias.to(dtype)).to(x.dtype)
 
 
@@ -197,8 +197,8 @@ def _bat_setup_context(ctx, inputs, output):
 def _bat_backward(ctx, grad):
     x, weight, *blocks = ctx.saved_tensors
     out_features, in_features = weight.shape
-    dtype = _compute_dtype(weight, blocks)
-    folds = _bat_folds(weight, blocks)
+    dtype = compute_dtype(weight, blocks)
+    folds = bat_folds(weight, blocks)
     grad_c = grad.to(dtype).reshape(-1, out_features)
     grad_x = None
     if ctx.needs_input_grad[0]:

@@ -23,6 +23,7 @@ __all__ = [
     "expand_block",
     "delta_weight",
     "merged_weight",
+    "fold_weight",
     "unmerged_weight",
     "check_bat_unmerge",
     "forward",
@@ -105,6 +106,13 @@ def check_bat_unmerge(block: torch.Tensor, max_condition: float = MAX_UNMERGE_CO
             "Reload the base weights instead."
         )
     return eye_plus_d
+
+
+def fold_weight(weight: torch.Tensor, blocks: Sequence[torch.Tensor], variants: Sequence[str]) -> torch.Tensor:
+    """The weight with every adapter merged in order, in the weight's dtype."""
+    for block, variant in zip(blocks, variants, strict=True):
+        weight = merged_weight(weight, block, variant)
+    return weight
 
 
 def unmerged_weight(

@@ -1,0 +1,68 @@
+"""miss_backend: Inductor with the MiSS pass (pre-grad) and the MiSS lowerings.
+
+    compiled = torch.compile(model, backend=miss_backend)            # or backend="miss"
+    compiled = torch.compile(model, backend=make_backend(merge=True))  # frozen adapters folded into W
+
+The pass is registered as Inductor's pre-grad custom pass: a CustomGraphPass whose uuid covers
+the pass's source and options, so Inductor's FX graph cache never serves a graph built by
+another version of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+from torch._inductor.compile_fx import compile_fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from . import lowering, ops, passes
+from .passes import PassReport, rewrite_miss_linears
+
+__all__ = ["miss_backend", "make_backend", "MissGraphPass"]
+
+logger = logging.getLogger(__name__)
+
+
+class MissGraphPass(CustomGraphPass):
+    def __init__(self, merge: bool = False) -> None:
+        self.merge = merge
+        self.reports: list[PassReport] = []
+
+    def __call__(self, graph: fx.Graph) -> None:
+        report = rewrite_miss_linears(graph, merge=self.merge)
+        self.reports.append(report)
+        logger.info("%s", report)
+
+    def uuid(self) -> bytes:
+        digest = hashlib.sha256(f"merge={self.merge}".encode())
+        for module in (passes, ops, lowering):
+            digest.update(inspect.getsource(module).encode())
+        return digest.digest()
+
+
+def make_backend(merge: bool = False, config_patches: dict[str, Any] | None = None) -> Callable:
+    """A torch.compile backend. merge=True folds frozen adapters into W and turns on Inductor's
+    freezing, so inference costs the base model; in-place changes to the blocks then need a
+    recompile (torch._dynamo.reset()), since frozen weights are compile-time constants."""
+    graph_pass = MissGraphPass(merge=merge)
+    patches = {"pre_grad_custom_pass": graph_pass}
+    if merge:
+        patches["freezing"] = True
+    patches.update(config_patches or {})
+
+    def backend(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Callable:
+        return compile_fx(gm, example_inputs, config_patches=patches)
+
+    backend.graph_pass = graph_pass  # reports of every graph compiled, for tests and explain()
+    backend.__name__ = "miss_backend" if not merge else "miss_backend_merged"
+    return backend
+
+
+miss_backend = make_backend()
+torch._dynamo.register_backend(miss_backend, name="miss")

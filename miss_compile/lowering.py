@@ -1,0 +1,50 @@
+"""How Inductor lowers the MiSS ops: decompositions into ops it fuses well.
+
+miss.linear    the chunk sums (pad, cast and dropout fused into one reduction over x), their
+               small GEMMs, and then, when dtypes agree, addmm(bias + adapter, x, W.T): the
+               adapter product enters the base GEMM as its input instead of a separate add.
+               Mixed dtypes (bf16 model, fp32 adapters) keep PEFT's rounding: base in x's dtype,
+               adapter added in fp32, cast back.
+mini           S(x) @ D is [tokens, mini_r]; it is tiled to out after the GEMM, not before.
+miss.bat_linear the folded weight, then one linear; with freezing and frozen blocks Inductor
+               folds it once at compile time.
+The backward formulas are the ops' own (ops.py); these only shape the forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch._inductor.decomposition import register_decomposition
+
+from . import ops, reference
+
+__all__ = ["miss_linear_decomposition", "bat_linear_decomposition"]
+
+
+def _adapter_product(adapter_input: torch.Tensor, block: torch.Tensor, out_features: int) -> torch.Tensor:
+    product = reference.chunk_sum(adapter_input, block.shape[0]) @ block  # [..., out] or [..., mini_r]
+    if block.shape[1] != out_features:
+        product = product.repeat(*([1] * (product.dim() - 1)), out_features // block.shape[1])
+    return product
+
+
+@register_decomposition(torch.ops.miss.linear.default)
+def miss_linear_decomposition(x, adapter_inputs, weight, bias, blocks):
+    out_features, in_features = weight.shape
+    adapter = None
+    for adapter_input, block in zip(adapter_inputs, blocks, strict=True):
+        product = _adapter_product(adapter_input, block, out_features)
+        adapter = product if adapter is None else adapter + product
+    if adapter.dtype != x.dtype or weight.dtype != x.dtype:
+        return (F.linear(x, weight, bias) + adapter).to(x.dtype)
+    accumulate = adapter if bias is None else adapter + bias
+    out = torch.addmm(accumulate.reshape(-1, out_features), x.reshape(-1, in_features), weight.t())
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+@register_decomposition(torch.ops.miss.bat_linear.default)
+def bat_linear_decomposition(x, weight, bias, blocks):
+    dtype = ops.compute_dtype(weight, blocks)
+    folded = ops.bat_folds(weight, blocks)[-1].to(dtype)
+    return F.linear(x.to(dtype), folded, None if bias is None else bias.to(dtype)).to(x.dtype)
