@@ -1,7 +1,9 @@
 """miss_compile: MiSS adapters (PEFT-compatible) made fast and deployable."""
 
+from .backend import make_backend, miss_backend
 from .checkpoint import load_adapter, read_adapter, save_adapter
 from .config import MissConfig
+from .explain import explain
 from .inject import (
     adapters_disabled,
     apply_miss,
@@ -11,6 +13,7 @@ from .inject import (
     unmerge_adapters,
 )
 from .layer import MissLinear
+from .passes import PassReport
 
 __all__ = [
     "MissConfig",
@@ -24,4 +27,8 @@ __all__ = [
     "adapters_disabled",
     "merge_adapters",
     "unmerge_adapters",
+    "miss_backend",
+    "make_backend",
+    "explain",
+    "PassReport",
 ]

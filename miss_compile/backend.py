@@ -64,5 +64,5 @@ def make_backend(merge: bool = False, config_patches: dict[str, Any] | None = No
     return backend
 
 
+# backend="miss" resolves through the `torch_dynamo_backends` entry point (pyproject.toml).
 miss_backend = make_backend()
-torch._dynamo.register_backend(miss_backend, name="miss")

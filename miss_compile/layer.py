@@ -48,6 +48,7 @@ class MissLinear(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
+        self.train(base_layer.training)
 
     # --- adapters
 
@@ -62,6 +63,7 @@ class MissLinear(nn.Module):
             nn.init.kaiming_uniform_(block, a=math.sqrt(5))  # PEFT's init_weights=False
         self.miss_block[name] = nn.Parameter(block)
         self.miss_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.miss_dropout[name].train(self.training)  # a model in eval mode stays in eval mode
         self.miss_variant[name] = config.variant
         self.miss_r[name] = config.r
         self.miss_mini_r[name] = config.mini_r

@@ -206,3 +206,10 @@ def test_live_peft_model_through_our_api():
     set_active_adapters(theirs, "extra")
     with adapters_disabled(theirs):
         torch.testing.assert_close(model_output(theirs, ids), model_output(base, ids))
+
+
+def test_new_layers_follow_the_models_training_mode():
+    model = apply_miss(build("llama"), MissConfig(r=4, dropout=0.5, target_modules=["q_proj"]))
+    assert not any(module.training for module in model.modules())
+    ids = input_ids()
+    torch.testing.assert_close(model_output(model, ids), model_output(model, ids))
