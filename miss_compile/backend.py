@@ -3,9 +3,11 @@
     compiled = torch.compile(model, backend=miss_backend)            # or backend="miss"
     compiled = torch.compile(model, backend=make_backend(merge=True))  # frozen adapters folded into W
 
-The pass is registered as Inductor's pre-grad custom pass: a CustomGraphPass whose uuid covers
-the pass's source and options, so Inductor's FX graph cache never serves a graph built by
-another version of it.
+The backend rewrites the Dynamo graph before handing it to Inductor, so every compile reports
+what it did (AOTAutograd's cache is looked up before Inductor's own pre-grad passes run). The
+same pass is also registered as Inductor's pre-grad custom pass, a CustomGraphPass whose uuid
+covers the source of the pass, the ops and their lowerings: Inductor's FX graph cache and
+AOTAutograd's cache never serve code built by another version of them.
 """
 
 from __future__ import annotations
@@ -35,9 +37,15 @@ class MissGraphPass(CustomGraphPass):
         self.reports: list[PassReport] = []
 
     def __call__(self, graph: fx.Graph) -> None:
-        report = rewrite_miss_linears(graph, merge=self.merge)
+        # Idempotent: on a graph the backend already rewrote it finds nothing left to do.
+        rewrite_miss_linears(graph, merge=self.merge)
+
+    def rewrite(self, gm: fx.GraphModule) -> PassReport:
+        report = rewrite_miss_linears(gm.graph, merge=self.merge)
+        gm.recompile()
         self.reports.append(report)
         logger.info("%s", report)
+        return report
 
     def uuid(self) -> bytes:
         digest = hashlib.sha256(f"merge={self.merge}".encode())
@@ -57,6 +65,7 @@ def make_backend(merge: bool = False, config_patches: dict[str, Any] | None = No
     patches.update(config_patches or {})
 
     def backend(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Callable:
+        graph_pass.rewrite(gm)
         return compile_fx(gm, example_inputs, config_patches=patches)
 
     backend.graph_pass = graph_pass  # reports of every graph compiled, for tests and explain()

@@ -30,7 +30,13 @@ def _adapter_product(adapter_input: torch.Tensor, block: torch.Tensor, out_featu
 
 
 @register_decomposition(torch.ops.miss.linear.default)
-def miss_linear_decomposition(x, adapter_inputs, weight, bias, blocks):
+def miss_linear_decomposition(
+    x: torch.Tensor,
+    adapter_inputs: list[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    blocks: list[torch.Tensor],
+) -> torch.Tensor:
     out_features, in_features = weight.shape
     adapter = None
     for adapter_input, block in zip(adapter_inputs, blocks, strict=True):
@@ -44,7 +50,9 @@ def miss_linear_decomposition(x, adapter_inputs, weight, bias, blocks):
 
 
 @register_decomposition(torch.ops.miss.bat_linear.default)
-def bat_linear_decomposition(x, weight, bias, blocks):
+def bat_linear_decomposition(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, blocks: list[torch.Tensor]
+) -> torch.Tensor:
     dtype = ops.compute_dtype(weight, blocks)
     folded = ops.bat_folds(weight, blocks)[-1].to(dtype)
     return F.linear(x.to(dtype), folded, None if bias is None else bias.to(dtype)).to(x.dtype)

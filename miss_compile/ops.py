@@ -11,6 +11,8 @@ formulas are written here so balance/mini save only the chunk sums S(a_k) [token
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -36,14 +38,15 @@ def _check_chunk_blocks(x: torch.Tensor, adapter_inputs: list[torch.Tensor], wei
     torch._check(len(adapter_inputs) == len(blocks), lambda: "miss.linear: one adapter input per block")
     out_features = weight.shape[0]
     for a, block in zip(adapter_inputs, blocks, strict=True):
-        torch._check(block.dim() == 2, lambda: f"miss.linear: block must be [r, out] or [r, mini_r], got {tuple(block.shape)}")
+        shape, a_shape = tuple(block.shape), tuple(a.shape)
+        torch._check(block.dim() == 2, lambda: f"miss.linear: block must be [r, out] or [r, mini_r], got {shape}")  # noqa: B023
         torch._check(
             out_features % block.shape[1] == 0,
-            lambda: f"miss.linear: block {tuple(block.shape)} does not tile out_features={out_features}",
+            lambda: f"miss.linear: block {shape} does not tile out_features={out_features}",  # noqa: B023
         )
         torch._check(
             a.shape[:-1] == x.shape[:-1] and a.shape[-1] >= x.shape[-1],
-            lambda: f"miss.linear: adapter input {tuple(a.shape)} does not match x {tuple(x.shape)}",
+            lambda: f"miss.linear: adapter input {a_shape} does not match x {tuple(x.shape)}",  # noqa: B023
         )
 
 
@@ -72,13 +75,19 @@ def miss_linear(
 
 
 @miss_linear.register_fake
-def _(x, adapter_inputs, weight, bias, blocks):
+def _(
+    x: torch.Tensor,
+    adapter_inputs: list[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    blocks: list[torch.Tensor],
+) -> torch.Tensor:
     _check_linear(x, weight, bias)
     _check_chunk_blocks(x, adapter_inputs, weight, blocks)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _linear_setup_context(ctx, inputs, output):
+def _linear_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
     x, adapter_inputs, weight, bias, blocks = inputs
     chunk_sums = [
         reference.chunk_sum(a, block.shape[0]) if block.requires_grad else None
@@ -107,7 +116,7 @@ def _fold_mini(grad_expanded: torch.Tensor, block: torch.Tensor) -> torch.Tensor
     return grad_expanded.reshape(r, -1, mini_r).sum(1)
 
 
-def _linear_backward(ctx, grad):
+def _linear_backward(ctx: Any, grad: torch.Tensor) -> tuple:
     saved_x, weight, *rest = ctx.saved_tensors
     blocks, sums = rest[: ctx.n_blocks], iter(rest[ctx.n_blocks :])
     out_features = weight.shape[0]
@@ -145,12 +154,13 @@ miss_linear.register_autograd(_linear_backward, setup_context=_linear_setup_cont
 def _check_bat_blocks(weight: torch.Tensor, blocks: list[torch.Tensor]) -> None:
     out_features, in_features = weight.shape
     for block in blocks:
+        shape = tuple(block.shape)
         torch._check(block.dim() == 3 and block.shape[1] == block.shape[2],
-                     lambda: f"miss.bat_linear: block must be [out/r, r, r], got {tuple(block.shape)}")
+                     lambda: f"miss.bat_linear: block must be [out/r, r, r], got {shape}")  # noqa: B023
         r = block.shape[-1]
         torch._check(
             block.shape[0] * r == out_features and in_features % r == 0,
-            lambda: f"miss.bat_linear: block {tuple(block.shape)} does not tile weight {tuple(weight.shape)}",
+            lambda: f"miss.bat_linear: block {shape} does not tile weight {tuple(weight.shape)}",  # noqa: B023
         )
 
 
@@ -179,13 +189,13 @@ def bat_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 @bat_linear.register_fake
-def _(x, weight, bias, blocks):
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, blocks: list[torch.Tensor]) -> torch.Tensor:
     _check_linear(x, weight, bias)
     _check_bat_blocks(weight, blocks)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _bat_setup_context(ctx, inputs, output):
+def _bat_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
     x, weight, bias, blocks = inputs
     ctx.has_bias = bias is not None
     ctx.x_dtype = x.dtype
@@ -194,7 +204,7 @@ def _bat_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, *blocks)
 
 
-def _bat_backward(ctx, grad):
+def _bat_backward(ctx: Any, grad: torch.Tensor) -> tuple:
     x, weight, *blocks = ctx.saved_tensors
     out_features, in_features = weight.shape
     dtype = compute_dtype(weight, blocks)

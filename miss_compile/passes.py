@@ -315,6 +315,10 @@ def _mergeable(blocks: list[fx.Node], adapter_inputs: list[fx.Node], x: fx.Node)
     if any(_val(block).requires_grad for block in blocks):
         return False
     for adapter_input in adapter_inputs:
+        try:
+            _adapter_input_root(adapter_input, x)
+        except _NoMatch:
+            return False
         current = adapter_input
         while current is not x:
             if _is_call(current, (F.dropout,)) and _arg(current, 2, "training", True) is not False:
@@ -330,6 +334,26 @@ def _merged_linear(graph: fx.Graph, last: fx.Node, x: fx.Node, weight: fx.Node, 
     _replace(graph, folded, x, F.linear, (x, folded, bias), last=last)
 
 
+def _fold_if_asked(graph: fx.Graph, node: fx.Node, merge: bool) -> LayerRewrite:
+    """A miss op already in the graph (our layers): counted, and folded into W when merging."""
+    if node.target is torch.ops.miss.bat_linear.default:
+        x, weight, bias, blocks = node.args
+        adapter_inputs, variants, kind = [], ["bat"] * len(blocks), "bat"
+    else:
+        x, adapter_inputs, weight, bias, blocks = node.args
+        variants = ["balance" if _same(_val(b).shape[1], _val(weight).shape[0]) else "mini" for b in blocks]
+        kind = "balance/mini"
+    merged = merge and (_is_param(weight) or _is_transposed_param(weight)) and _mergeable(blocks, adapter_inputs, x)
+    if merged:
+        _merged_linear(graph, node, x, weight, bias, blocks, variants)
+    return LayerRewrite(layer_name(node), kind, len(blocks), "miss op", merged)
+
+
+def _is_transposed_param(node: object) -> bool:
+    """GPT-2's Conv1D weight reaches our op as weight.t()."""
+    return _is_call(node, (torch.t,), "t") and _is_param(node.args[0])
+
+
 def rewrite_miss_linears(graph: fx.Graph, merge: bool = False) -> PassReport:
     """Rewrite in place; returns what was rewritten and what was left, with reasons.
 
@@ -339,8 +363,7 @@ def rewrite_miss_linears(graph: fx.Graph, merge: bool = False) -> PassReport:
     report = PassReport()
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target in MISS_OPS:
-            variant = "bat" if node.target is torch.ops.miss.bat_linear.default else "balance/mini"
-            report.rewritten.append(LayerRewrite(layer_name(node), variant, len(node.args[-1]), "miss op"))
+            report.rewritten.append(_fold_if_asked(graph, node, merge))
             continue
         if not _is_call(node, _LINEAR):
             continue

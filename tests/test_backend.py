@@ -1,0 +1,231 @@
+"""miss_backend end to end through Inductor: numbers against PEFT, generated code, recompiles.
+
+Inductor compiles are the slow part of the suite: tiny models, one compile per test.
+"""
+
+import peft
+import pytest
+import torch
+from conftest import build, clone, copy_blocks, input_ids, model_output, randomize_blocks
+from torch import nn
+from torch._inductor.utils import run_and_get_code
+from torch.testing import FileCheck
+
+from miss_compile import (
+    MissConfig,
+    adapters_disabled,
+    apply_miss,
+    load_adapter,
+    make_backend,
+    save_adapter,
+    set_active_adapters,
+)
+from miss_compile.peft_compat import named_miss_layers
+
+pytestmark = pytest.mark.slow
+
+CONFIGS = {
+    "balance": MissConfig(r=3, init="random", target_modules="all-linear"),
+    "mini": MissConfig(r=3, variant="mini", mini_r=8, target_modules="all-linear"),
+    "bat": MissConfig(r=8, variant="bat", target_modules="all-linear"),
+}
+
+
+def peft_pair(model_name, variant, dtype=torch.float32):
+    base = build(model_name, dtype)
+    ours = apply_miss(clone(base), CONFIGS[variant])
+    randomize_blocks(ours)
+    theirs = peft.get_peft_model(clone(base), CONFIGS[variant].to_peft()).eval()
+    copy_blocks(ours, theirs)
+    return base, ours, theirs
+
+
+def block_grads(model):
+    return {name: layer.miss_block["default"].grad for name, layer in named_miss_layers(model).items()}
+
+
+@pytest.mark.parametrize("variant", list(CONFIGS))
+@pytest.mark.parametrize("which", ["peft", "ours"])
+def test_training_step_matches_eager_peft(which, variant):
+    _, ours, theirs = peft_pair("llama", variant)
+    model = theirs if which == "peft" else ours
+    eager = clone(theirs)
+    backend = make_backend()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    ids = input_ids()
+    embeddings = [m.get_input_embeddings() for m in (model, eager)]
+    for embedding in embeddings:  # so that gradients flow back to the input (x) too
+        embedding.weight.requires_grad_(True)
+    loss = compiled(input_ids=ids, labels=ids).loss
+    expected = eager(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    loss.backward()
+    expected.backward()
+    got, want = block_grads(model), block_grads(eager)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(embeddings[0].weight.grad, embeddings[1].weight.grad, atol=1e-5, rtol=1e-5)
+    (report,) = backend.graph_pass.reports
+    assert len(report.rewritten) == 14 and not report.skipped
+
+
+@pytest.mark.parametrize("model_name,variant", [("qwen2", "balance"), ("mistral", "mini"), ("bert", "bat"),
+                                                ("bert", "balance")])
+def test_other_models_inference_fullgraph(model_name, variant):
+    _, ours, theirs = peft_pair(model_name, variant)
+    ids = input_ids()
+    expected = model_output(theirs, ids)
+    backend = make_backend()
+    with torch.no_grad():
+        out = model_output(torch.compile(theirs, backend=backend, fullgraph=True), ids)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert len(backend.graph_pass.reports[0].rewritten) == len(named_miss_layers(theirs))
+
+
+def test_gpt2_conv1d_ours():
+    base = build("gpt2")
+    ours = apply_miss(clone(base), CONFIGS["mini"])
+    randomize_blocks(ours)
+    ids = input_ids()
+    expected = model_output(ours, ids)
+    backend = make_backend()
+    with torch.no_grad():
+        out = model_output(torch.compile(ours, backend=backend, fullgraph=True), ids)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert len(backend.graph_pass.reports[0].rewritten) == len(named_miss_layers(ours)) == 8
+
+
+@pytest.mark.parametrize("variant", ["balance", "bat"])
+def test_bf16_model_fp32_adapters(variant):
+    _, _, theirs = peft_pair("llama", variant, torch.bfloat16)
+    ids = input_ids()
+    expected = model_output(theirs, ids)
+    with torch.no_grad():
+        out = model_output(torch.compile(theirs, backend=make_backend(), fullgraph=True), ids)
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+
+
+# --- generated code on one Linear
+
+
+class OneLinear(nn.Module):
+    def __init__(self, in_features=13, out_features=12):
+        super().__init__()
+        self.proj = nn.Linear(in_features, out_features)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def one_linear(variant="balance", r=4):
+    torch.manual_seed(0)
+    model = apply_miss(OneLinear(), MissConfig(r=r, variant=variant, init="random", target_modules=["proj"]))
+    return model.eval()
+
+
+def test_adapter_product_feeds_the_base_gemm():
+    model = one_linear()
+    x = torch.randn(2, 3, 13)
+    with torch.no_grad():
+        out, (code, *_) = run_and_get_code(torch.compile(model, backend=make_backend()), x)
+        expected = model(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # one fused chunk-sum kernel (pad + reduction), the small r x out GEMM, then addmm with it as input
+    call = code.split("def call")[1]
+    FileCheck().check("cpp_fused").check_count("extern_kernels.mm(", 1, exactly=True).check(
+        "extern_kernels.addmm(").run(call)
+    assert call.count("extern_kernels.") == 2
+    assert "torch.ops.miss" not in code  # decomposed: no fallback call of the op
+
+
+def test_merge_folds_frozen_adapters_into_the_weight():
+    model = one_linear()
+    model.proj.miss_block["default"].requires_grad_(False)
+    x = torch.randn(2, 3, 13)
+    backend = make_backend(merge=True)
+    with torch.no_grad():
+        expected = model(x)
+        out, (code, *_) = run_and_get_code(torch.compile(model, backend=backend), x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    call = code.split("def call")[1]
+    # the base model's cost: one GEMM, no chunk sum, no adapter GEMM
+    assert call.count("extern_kernels.") == 1 and "constant_pad_nd" not in call
+    assert backend.graph_pass.reports[0].rewritten[0].merged
+
+
+def test_merge_keeps_trainable_adapters_unmerged():
+    model = one_linear()
+    backend = make_backend(merge=True)
+    torch.compile(model, backend=backend)(torch.randn(2, 13)).sum().backward()
+    assert not backend.graph_pass.reports[0].rewritten[0].merged
+    assert model.proj.miss_block["default"].grad is not None
+
+
+# --- dynamic shapes, in-place loads, switching
+
+
+def test_dynamic_lengths_do_not_recompile():
+    _, ours, _ = peft_pair("llama", "balance")
+    backend = make_backend()
+    compiled = torch.compile(ours, backend=backend, fullgraph=True, dynamic=True)
+    compiles = []
+    with torch.no_grad():
+        for batch, seq in [(2, 5), (3, 11), (2, 23)]:
+            ids = input_ids(batch, seq)
+            torch.testing.assert_close(model_output(compiled, ids), model_output(ours, ids), atol=1e-5, rtol=1e-5)
+            compiles.append(len(backend.graph_pass.reports))
+    assert compiles[0] >= 1 and compiles[1:] == compiles[:1] * 2  # new lengths: no new graph
+
+
+def test_in_place_load_takes_effect_without_recompile(tmp_path):
+    base, ours, _ = peft_pair("llama", "balance")
+    other = apply_miss(clone(base), CONFIGS["balance"])
+    randomize_blocks(other, seed=11)
+    save_adapter(other, tmp_path)
+    backend = make_backend()
+    compiled = torch.compile(ours, backend=backend, fullgraph=True)
+    ids = input_ids()
+    with torch.no_grad():
+        before = model_output(compiled, ids)
+        load_adapter(ours, tmp_path)  # same shapes, copied into the existing parameters
+        after = model_output(compiled, ids)
+    torch.testing.assert_close(after, model_output(other, ids), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before, after, atol=1e-3)
+    assert len(backend.graph_pass.reports) == 1
+
+
+def test_switching_and_disabling_never_stale():
+    base, ours, _ = peft_pair("llama", "balance")
+    apply_miss(ours, CONFIGS["bat"], "second")
+    randomize_blocks(ours, "second", seed=5)
+    compiled = torch.compile(ours, backend=make_backend(), fullgraph=True)
+    ids = input_ids()
+    with torch.no_grad():
+        first = model_output(compiled, ids)
+        torch.testing.assert_close(first, model_output(ours, ids), atol=1e-5, rtol=1e-5)
+        set_active_adapters(ours, "second")
+        second = model_output(compiled, ids)
+        torch.testing.assert_close(second, model_output(ours, ids), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(first, second, atol=1e-3)
+        with adapters_disabled(ours):
+            torch.testing.assert_close(model_output(compiled, ids), model_output(base, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_twenty_training_steps_follow_eager():
+    _, ours, _ = peft_pair("llama", "balance")
+    eager = clone(ours)
+    compiled = torch.compile(ours, backend=make_backend(), fullgraph=True)
+    losses = []
+    for model, runner in ((eager, eager), (ours, compiled)):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        curve = []
+        for step in range(20):
+            ids = input_ids(2, 8, seed=100 + step % 2)  # two batches, seen ten times each
+            loss = runner(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            curve.append(loss.item())
+        losses.append(curve)
+    assert losses[0][-1] < losses[0][0]  # it learns
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), atol=1e-4, rtol=1e-4)
