@@ -159,7 +159,8 @@ def _adapter_input_root(node: fx.Node, x: fx.Node) -> None:
             if _arg(current, 3, "inplace", False):
                 raise _NoMatch("in-place dropout on the adapter input")
         elif not (current.op == "call_method" and current.target in ("to", "float", "contiguous") and _cast_only(current)):
-            raise _NoMatch(f"the adapter branch reads {current.name} ({current.target}), not the Linear's input")
+            what = current.name if current.op == "placeholder" else f"{getattr(current.target, '__name__', current.target)}(...)"
+            raise _NoMatch(f"the adapter branch reads {what}, not the Linear's input")
         current = current.args[0] if current.args else current.kwargs.get("input")
         if not isinstance(current, fx.Node):
             raise _NoMatch("the adapter branch does not start at a tensor")

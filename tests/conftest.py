@@ -101,6 +101,15 @@ def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    reason = "needs a CUDA device: run `./dev test -m cuda` on the GPU machine (benchmarks/gpu_check.sh)"
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     # Every tiny Llama shares LlamaForCausalLM.forward: without a reset, Dynamo's per-code

@@ -44,55 +44,48 @@ def block_grads(model):
     return {name: layer.miss_block["default"].grad for name, layer in named_miss_layers(model).items()}
 
 
-@pytest.mark.parametrize("variant", list(CONFIGS))
-@pytest.mark.parametrize("which", ["peft", "ours"])
-def test_training_step_matches_eager_peft(which, variant):
-    _, ours, theirs = peft_pair("llama", variant)
-    model = theirs if which == "peft" else ours
-    eager = clone(theirs)
+def _training_cases():
+    for variant in CONFIGS:
+        yield "llama", "peft", variant
+        yield "llama", "ours", variant
+        for model_name in ("qwen2", "mistral", "bert"):
+            yield model_name, "peft", variant
+        yield "gpt2", "ours", variant  # PEFT's MiSS does not adapt GPT-2's Conv1D
+
+
+@pytest.mark.parametrize("model_name,which,variant", list(_training_cases()))
+def test_training_step_matches_eager(model_name, which, variant):
+    """Outputs, block gradients and input gradients of a compiled step equal eager PEFT (or, for
+    GPT-2, our eager layers, which test_models checks against the reference)."""
+    base = build(model_name)
+    ours = apply_miss(clone(base), CONFIGS[variant])
+    randomize_blocks(ours)
+    if model_name == "gpt2":
+        model, eager = ours, clone(ours)
+    else:
+        theirs = peft.get_peft_model(clone(base), CONFIGS[variant].to_peft()).eval()
+        copy_blocks(ours, theirs)
+        model, eager = (theirs if which == "peft" else ours), clone(theirs)
     backend = make_backend()
     compiled = torch.compile(model, backend=backend, fullgraph=True)
-    ids = input_ids()
     embeddings = [m.get_input_embeddings() for m in (model, eager)]
     for embedding in embeddings:  # so that gradients flow back to the input (x) too
         embedding.weight.requires_grad_(True)
-    loss = compiled(input_ids=ids, labels=ids).loss
-    expected = eager(input_ids=ids, labels=ids).loss
+    ids = input_ids()
+    loss = model_output(compiled, ids).square().mean()
+    expected = model_output(eager, ids).square().mean()
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
     loss.backward()
     expected.backward()
     got, want = block_grads(model), block_grads(eager)
     for name in want:
+        if want[name] is None:  # BERT's pooler is not in the loss: eager leaves None, compiled zeros
+            assert got[name] is None or not got[name].any()
+            continue
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(embeddings[0].weight.grad, embeddings[1].weight.grad, atol=1e-5, rtol=1e-5)
     (report,) = backend.graph_pass.reports
-    assert len(report.rewritten) == 14 and not report.skipped
-
-
-@pytest.mark.parametrize("model_name,variant", [("qwen2", "balance"), ("mistral", "mini"), ("bert", "bat"),
-                                                ("bert", "balance")])
-def test_other_models_inference_fullgraph(model_name, variant):
-    _, ours, theirs = peft_pair(model_name, variant)
-    ids = input_ids()
-    expected = model_output(theirs, ids)
-    backend = make_backend()
-    with torch.no_grad():
-        out = model_output(torch.compile(theirs, backend=backend, fullgraph=True), ids)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    assert len(backend.graph_pass.reports[0].rewritten) == len(named_miss_layers(theirs))
-
-
-def test_gpt2_conv1d_ours():
-    base = build("gpt2")
-    ours = apply_miss(clone(base), CONFIGS["mini"])
-    randomize_blocks(ours)
-    ids = input_ids()
-    expected = model_output(ours, ids)
-    backend = make_backend()
-    with torch.no_grad():
-        out = model_output(torch.compile(ours, backend=backend, fullgraph=True), ids)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    assert len(backend.graph_pass.reports[0].rewritten) == len(named_miss_layers(ours)) == 8
+    assert len(report.rewritten) == len(named_miss_layers(model)) and not report.skipped
 
 
 @pytest.mark.parametrize("variant", ["balance", "bat"])
@@ -229,3 +222,10 @@ def test_twenty_training_steps_follow_eager():
         losses.append(curve)
     assert losses[0][-1] < losses[0][0]  # it learns
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), atol=1e-4, rtol=1e-4)
+
+
+def test_backend_by_name_through_the_entry_point():
+    model = one_linear()
+    x = torch.randn(3, 13)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="miss")(x), model(x), atol=1e-5, rtol=1e-5)

@@ -1,15 +1,20 @@
-"""The README's main job runs and its numbers agree with the reference."""
+"""The README's main job runs, and its numbers agree with the reference."""
 
 import re
 
+import pytest
+
 from miss_compile.demo import main
 
+pytestmark = pytest.mark.slow
 
-def test_demo_prints_small_errors(capsys):
-    main(["--batch", "1", "--seq", "8", "--repeats", "1"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if re.match(r"(balance|mini|bat)\s", line)]
-    assert [row.split()[0] for row in rows] == ["balance", "mini", "bat"]
+
+def test_demo_prints_small_errors_and_rewrites_every_layer(capsys):
+    main(["--batch", "2", "--seq", "8", "--repeats", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if re.match(r"(balance|mini|bat)\s", line)]
+    assert [row[0] for row in rows] == ["balance", "mini", "bat"]
     for row in rows:
-        layers, params, error = row.split()[1:4]
-        assert int(layers) == 14 and int(params) > 0
-        assert float(error) < 1e-4
+        layers, as_op, folded = map(int, row[1:4])
+        assert layers == as_op == folded == 14
+        assert all(float(error) < 1e-4 for error in row[4:7])
+        assert all(float(ms) > 0 for ms in row[7:11])
