@@ -1,6 +1,7 @@
-"""export: merged and unmerged ONNX for onnxruntime.
+"""export: merged and unmerged ONNX of MiSS models, run on onnxruntime."""
 
-Not built yet: `export_onnx` and `load_session` land with the export issue (see DESIGN.md).
-"""
+from .adapters import write_onnx_adapter
+from .onnx import ExportResult, export_onnx
+from .runtime import MissSession, load_session
 
-__all__: list[str] = []
+__all__ = ["export_onnx", "ExportResult", "write_onnx_adapter", "load_session", "MissSession"]

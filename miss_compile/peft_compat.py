@@ -6,6 +6,7 @@ when `peft` is imported).
 
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch import nn
 
 from .layer import MissLinear
 
-__all__ = ["peft_tuner", "is_miss_layer", "adapter_variant", "named_miss_layers", "model_root"]
+__all__ = ["peft_tuner", "is_miss_layer", "adapter_variant", "named_miss_layers", "model_root", "from_peft"]
 
 
 def _peft() -> Any:
@@ -59,3 +60,29 @@ def adapter_variant(layer: nn.Module, name: str) -> str:
 def named_miss_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every MiSS-carrying layer, by its name under model_root(model)."""
     return {name: module for name, module in model_root(model).named_modules() if is_miss_layer(module)}
+
+
+def from_peft(model: nn.Module) -> nn.Module:
+    """A copy of a PEFT MiSS model as the plain model with our MissLinear layers (same blocks,
+    variants, dropout, active adapters and merge state); other models are copied as they are."""
+    tuner = peft_tuner(model)
+    if tuner is None:
+        return copy.deepcopy(model)
+    converted = copy.deepcopy(tuner.model)
+    for name, peft_layer in list(named_miss_layers(converted).items()):
+        if isinstance(peft_layer, MissLinear):
+            continue
+        layer = MissLinear(peft_layer.get_base_layer())
+        for adapter, block in peft_layer.miss_block.items():
+            layer.miss_block[adapter] = nn.Parameter(block.detach().clone(), requires_grad=block.requires_grad)
+            layer.miss_dropout[adapter] = peft_layer.miss_dropout[adapter]
+            layer.miss_variant[adapter] = adapter_variant(peft_layer, adapter)
+            layer.miss_r[adapter] = peft_layer.miss_r[adapter]
+            layer.miss_mini_r[adapter] = peft_layer.miss_mini_r[adapter]
+        layer.active_adapters = [a for a in peft_layer.active_adapters if a in layer.miss_block]
+        layer.merged_adapters = list(peft_layer.merged_adapters)
+        layer.disable_adapters = bool(peft_layer.disable_adapters)
+        layer.train(peft_layer.training)
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(converted.get_submodule(parent_name), child_name, layer)
+    return converted

@@ -1,0 +1,80 @@
+"""`.onnx_adapter` files: a MiSS adapter as onnxruntime's AdapterFormat, named like the unmerged graph's blocks."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from miss_compile.checkpoint import read_adapter
+from miss_compile.peft_compat import named_miss_layers
+
+__all__ = ["write_onnx_adapter", "adapter_parameters"]
+
+_ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+                  onnx.TensorProto.DOUBLE: np.float64}
+
+
+def adapter_parameters(adapter: str | os.PathLike | nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """Graph input name -> block, from a PEFT-format folder or a model carrying `adapter_name`."""
+    if isinstance(adapter, nn.Module):
+        layers = {n: layer for n, layer in named_miss_layers(adapter).items() if adapter_name in layer.miss_block}
+        if not layers:
+            raise ValueError(f"the model has no adapter named {adapter_name!r}")
+        return {f"{n}.miss_block.{adapter_name}": layer.miss_block[adapter_name].detach() for n, layer in layers.items()}
+    _, blocks = read_adapter(adapter)
+    return {f"{name}.miss_block.{adapter_name}": block for name, block in blocks.items()}
+
+
+def _graph_blocks(model_path: Path) -> dict[str, tuple[tuple[int, ...], type]]:
+    model = onnx.load(str(model_path), load_external_data=False)
+    initializers = {i.name: i for i in model.graph.initializer}
+    blocks = {}
+    for graph_input in model.graph.input:
+        if graph_input.name in initializers:
+            tensor = initializers[graph_input.name]
+            blocks[graph_input.name] = (tuple(tensor.dims), _ONNX_TO_NUMPY.get(tensor.data_type, np.float32))
+    return blocks
+
+
+def write_onnx_adapter(
+    adapter: str | os.PathLike | nn.Module,
+    path: str | os.PathLike,
+    model_path: str | os.PathLike,
+    adapter_name: str = "default",
+) -> Path:
+    """Write an `.onnx_adapter` for the unmerged graph at `model_path` (exported with the same
+    adapter_name); names, shapes and coverage are checked against its overridable blocks."""
+    parameters = adapter_parameters(adapter, adapter_name)
+    expected = _graph_blocks(Path(model_path))
+    problems = [f"missing block for graph input {name!r}" for name in sorted(set(expected) - set(parameters))]
+    problems += [f"{name!r} is not an overridable block of the graph" for name in sorted(set(parameters) - set(expected))]
+    for name in sorted(set(expected) & set(parameters)):
+        if tuple(parameters[name].shape) != expected[name][0]:
+            problems.append(f"{name!r}: shape {tuple(parameters[name].shape)}, the graph expects {expected[name][0]}")
+    if problems:
+        raise ValueError(f"adapter does not fit {model_path}:\n  " + "\n  ".join(problems))
+    values = {
+        name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(block.float().cpu().numpy().astype(expected[name][1])))
+        for name, block in parameters.items()
+    }
+    adapter_format = ort.AdapterFormat()
+    adapter_format.set_adapter_version(1)
+    adapter_format.set_model_version(1)
+    adapter_format.set_parameters(values)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, staged = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        adapter_format.export_adapter(staged)
+        os.replace(staged, path)
+    finally:
+        Path(staged).unlink(missing_ok=True)
+    return path

@@ -1,0 +1,186 @@
+"""export_onnx: a MiSS model (ours or PEFT's) to merged or unmerged ONNX, validated on onnxruntime.
+
+merged:   adapters folded into W and the layers unwrapped: the base model's graph and cost.
+unmerged: each adapted Linear keeps W and its MiSS block apart; blocks are overridable
+          initializers (graph inputs with defaults) named `<module>.miss_block.<adapter>`, so an
+          `.onnx_adapter` file or a per-run feed swaps the adapter without re-exporting.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+from miss_compile.inject import merge_adapters
+from miss_compile.peft_compat import from_peft, named_miss_layers
+
+from .translation import OPSET, TRANSLATIONS
+
+__all__ = ["export_onnx", "ExportResult", "BLOCK_MARKER", "IR_VERSION"]
+
+logger = logging.getLogger(__name__)
+
+BLOCK_MARKER = ".miss_block."
+IR_VERSION = 10  # what torch's exporter writes; onnxruntime 1.31 rejects onnx 1.23's default (14)
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    merged: bool
+    nodes: int
+    bytes: int
+    seconds: float
+    block_inputs: list[str] = field(default_factory=list)
+    max_abs_error: float | None = None
+    max_rel_error: float | None = None
+
+    def __str__(self) -> str:
+        kind = "merged" if self.merged else f"unmerged, {len(self.block_inputs)} overridable blocks"
+        error = "" if self.max_abs_error is None else (
+            f", onnxruntime vs torch max abs {self.max_abs_error:.2e} rel {self.max_rel_error:.2e}")
+        return f"{self.path}: {kind}, {self.nodes} nodes, {self.bytes / 1e6:.1f} MB, {self.seconds:.1f}s{error}"
+
+
+def prepare(model: nn.Module, merged: bool, dtype: torch.dtype | None = None) -> nn.Module:
+    """The module that is exported: a copy, our layers (PEFT's swapped), eval mode, no KV cache."""
+    prepared = from_peft(model)
+    prepared.eval()
+    if dtype is not None:
+        prepared.to(dtype)
+    if getattr(prepared, "config", None) is not None and hasattr(prepared.config, "use_cache"):
+        prepared.config.use_cache = False  # no past-key-values export yet: outputs are tensors only
+    if merged and named_miss_layers(prepared):
+        merge_adapters(prepared)
+        for name, layer in list(named_miss_layers(prepared).items()):
+            if layer.disable_adapters:
+                layer.unmerge()
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(prepared.get_submodule(parent_name), child_name, layer.base_layer)
+    return prepared
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Batch (dim 0) and sequence (dim 1) of every tensor input are dynamic."""
+    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+    shapes: dict[str, Any] = {}
+    for name, value in bound.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            shapes[name] = {0: "batch", 1: "sequence"} if value.dim() >= 2 else {0: "batch"}
+        else:
+            shapes[name] = None
+    return shapes
+
+
+def _expose_blocks(program: Any) -> list[str]:
+    """Make every MiSS block an overridable initializer (graph input with a default)."""
+    graph = program.model.graph
+    names = [name for name in graph.initializers if BLOCK_MARKER in name]
+    for name in names:
+        graph.inputs.append(graph.initializers[name])
+    return names
+
+
+def _save_atomically(program: Any, path: Path, external_data: bool) -> None:
+    """Write into a temp folder beside `path`, then move into place: a failure leaves no partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        staged = staging / path.name
+        program.model.ir_version = IR_VERSION
+        program.save(staged, external_data=external_data)
+        onnx.checker.check_model(str(staged))
+        data_files = [p for p in staging.iterdir() if p != staged]
+        for data_file in data_files:
+            os.replace(data_file, path.parent / data_file.name)
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def export_onnx(
+    model: nn.Module,
+    args: tuple = (),
+    kwargs: dict[str, Any] | None = None,
+    path: str | os.PathLike = "model.onnx",
+    merged: bool = False,
+    opset: int = OPSET,
+    dynamic: bool = True,
+    dtype: torch.dtype | None = None,
+    external_data: bool | None = None,
+    validate: bool = True,
+) -> ExportResult:
+    """Export `model(*args, **kwargs)` to `path`; validates on onnxruntime unless validate=False.
+
+    external_data: None writes weights to `<path>.data` only past 2 GB (protobuf's limit).
+    """
+    if opset < OPSET:
+        raise ValueError(f"opset={opset}: the MiSS translations need opset >= {OPSET} (Pad with axes)")
+    start = time.perf_counter()
+    kwargs = dict(kwargs or {})
+    path = Path(path)
+    prepared = prepare(model, merged, dtype)
+    args, kwargs = _cast_inputs(args, dtype), _cast_inputs(kwargs, dtype)
+    size = sum(p.numel() * p.element_size() for p in prepared.parameters())
+    if external_data is None:
+        external_data = size > 2**31 - 2**26  # protobuf's 2 GB, with headroom for the graph
+    program = torch.onnx.export(
+        prepared,
+        args,
+        kwargs=kwargs,
+        dynamo=True,
+        opset_version=opset,
+        dynamic_shapes=_dynamic_shapes(prepared, args, kwargs) if dynamic else None,
+        custom_translation_table=TRANSLATIONS,
+        optimize=False,  # blocks become graph inputs first, so constant folding keeps them apart
+        external_data=external_data,
+    )
+    block_inputs = [] if merged else _expose_blocks(program)
+    program.optimize()
+    _save_atomically(program, path, external_data)
+    result = ExportResult(
+        path=path,
+        merged=merged,
+        nodes=len(program.model.graph),
+        bytes=path.stat().st_size + sum(f.stat().st_size for f in path.parent.glob(path.name + ".data")),
+        seconds=time.perf_counter() - start,
+        block_inputs=block_inputs,
+    )
+    if validate:
+        from .validate import validate_export
+
+        try:
+            result.max_abs_error, result.max_rel_error = validate_export(prepared, path, args, kwargs, dynamic)
+        except BaseException:
+            _remove(path)
+            raise
+    result.seconds = time.perf_counter() - start
+    logger.info("%s", result)
+    return result
+
+
+def _cast_inputs(values: Any, dtype: torch.dtype | None) -> Any:
+    if dtype is None:
+        return values
+    cast = lambda v: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
+    if isinstance(values, dict):
+        return {k: cast(v) for k, v in values.items()}
+    return tuple(cast(v) for v in values)
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    Path(str(path) + ".data").unlink(missing_ok=True)
+

@@ -1,0 +1,100 @@
+"""ONNX translations of the miss ops, standard ops only (opset 18), so any onnxruntime build runs them.
+
+They are traced by onnxscript inside torch.onnx.export (custom_translation_table). Blocks stay
+separate values: in the unmerged graph they are overridable initializers, so the update is
+computed in the graph (bat included) and a new adapter is a new set of initializer values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import onnx_ir as ir
+import torch
+from onnxscript import opset18 as op
+
+import miss_compile.ops  # noqa: F401  (registers torch.ops.miss)
+
+__all__ = ["TRANSLATIONS", "OPSET"]
+
+OPSET = 18
+
+# Values are onnxscript/onnx_ir values while tracing; typed loosely on purpose.
+Value = Any
+
+
+def _ints(values: Sequence[int]) -> Value:
+    return op.Constant(value_ints=list(values))
+
+
+def _cast(value: Value, dtype: ir.DataType) -> Value:
+    return value if value.dtype == dtype else op.Cast(value, to=dtype)
+
+
+def _promote(*dtypes: ir.DataType) -> ir.DataType:
+    torch_dtypes = [torch.float16 if d == ir.DataType.FLOAT16 else torch.bfloat16 if d == ir.DataType.BFLOAT16
+                    else torch.float64 if d == ir.DataType.DOUBLE else torch.float32 for d in dtypes]
+    result = torch_dtypes[0]
+    for dtype in torch_dtypes[1:]:
+        result = torch.promote_types(result, dtype)
+    return {torch.float16: ir.DataType.FLOAT16, torch.bfloat16: ir.DataType.BFLOAT16,
+            torch.float64: ir.DataType.DOUBLE, torch.float32: ir.DataType.FLOAT}[result]
+
+
+def _chunk_sum(adapter_input: Value, r: int) -> Value:
+    """S(a): zero-pad the last dim to a multiple of r, fold it to [..., n, r], sum over n."""
+    width = adapter_input.shape[-1]
+    if not isinstance(width, int):
+        raise NotImplementedError("miss.linear: the feature dim of the adapter input must be static")
+    pad = (-width) % r
+    if pad:
+        adapter_input = op.Pad(adapter_input, _ints([0, pad]), None, _ints([-1]))
+    leading = op.Slice(op.Shape(adapter_input), _ints([0]), _ints([-1]))
+    folded = op.Reshape(adapter_input, op.Concat(leading, _ints([-1, r]), axis=0))
+    return op.ReduceSum(folded, _ints([-2]), keepdims=0)
+
+
+def miss_linear(x: Value, adapter_inputs: Sequence[Value], weight: Value, bias: Value | None,
+                blocks: Sequence[Value]) -> Value:
+    """y = x @ W.T + b + sum_k S(a_k) @ E(D_k); mini's [.., mini_r] product is tiled to out."""
+    out_features = weight.shape[0]
+    result = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
+    if bias is not None:
+        result = op.Add(result, bias)
+    dtype = _promote(x.dtype, *[block.dtype for block in blocks])
+    result = _cast(result, dtype)
+    rank = len(x.shape)
+    for adapter_input, block in zip(adapter_inputs, blocks, strict=True):
+        r, columns = block.shape
+        product = op.MatMul(_chunk_sum(adapter_input, r), block)
+        if columns != out_features:
+            # Tile the activation, not the block: the block stays an untouched, overridable input.
+            product = op.Tile(product, _ints([1] * (rank - 1) + [out_features // columns]))
+        result = op.Add(result, _cast(product, dtype))
+    return _cast(result, x.dtype)
+
+
+def bat_linear(x: Value, weight: Value, bias: Value | None, blocks: Sequence[Value]) -> Value:
+    """y = x @ fold(W, D_1..D_n).T + b, W'_pq = W_pq @ D_p + D_p + W_pq, in fp32 or wider."""
+    out_features, in_features = weight.shape
+    dtype = _promote(weight.dtype, ir.DataType.FLOAT, *[block.dtype for block in blocks])
+    folded = _cast(weight, dtype)
+    for block in blocks:
+        r = block.shape[-1]
+        grid = op.Reshape(folded, _ints([out_features // r, r, in_features // r, r]))
+        w_blocks = op.Transpose(grid, perm=[0, 2, 1, 3])  # [p, q, r, r]
+        d = op.Unsqueeze(_cast(block, dtype), _ints([1]))  # [p, 1, r, r]
+        delta = op.Add(op.MatMul(w_blocks, d), d)
+        folded = op.Add(folded, op.Reshape(op.Transpose(delta, perm=[0, 2, 1, 3]), _ints([out_features, in_features])))
+    compute = _promote(weight.dtype, *[block.dtype for block in blocks])
+    result = op.MatMul(_cast(x, compute), op.Transpose(_cast(folded, compute), perm=[1, 0]))
+    if bias is not None:
+        result = op.Add(result, _cast(bias, compute))
+    return _cast(result, x.dtype)
+
+
+TRANSLATIONS = {
+    torch.ops.miss.linear.default: miss_linear,
+    torch.ops.miss.bat_linear.default: bat_linear,
+}
