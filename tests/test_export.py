@@ -1,0 +1,165 @@
+"""ONNX export on onnxruntime (CPU provider here): parity, dynamic sizes, merged = base graph, adapter swaps."""
+
+import collections
+
+import onnx
+import peft
+import pytest
+import torch
+from conftest import build, clone, input_ids, model_output, randomize_blocks
+
+from export import export_onnx, load_session, write_onnx_adapter
+from export.onnx import BLOCK_MARKER
+from miss_compile import MissConfig, apply_miss, save_adapter
+
+pytestmark = pytest.mark.slow
+
+CONFIGS = {
+    "balance": MissConfig(r=3, init="random", target_modules="all-linear"),
+    "mini": MissConfig(r=3, variant="mini", mini_r=8, target_modules="all-linear"),
+    "bat": MissConfig(r=8, variant="bat", target_modules="all-linear"),
+}
+
+
+def adapted(model_name="llama", variant="balance", seed=2):
+    base = build(model_name)
+    model = apply_miss(clone(base), CONFIGS[variant])
+    randomize_blocks(model, seed=seed)
+    return base, model
+
+
+def run(session, ids):
+    (logits,) = session.run({"input_ids": ids})[:1]
+    return logits
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """One export per (variant, merged) on the tiny Llama, shared by the tests below."""
+    folder = tmp_path_factory.mktemp("onnx")
+    results = {}
+    for variant in CONFIGS:
+        base, model = adapted(variant=variant)
+        for merged in (True, False):
+            result = export_onnx(model, kwargs={"input_ids": input_ids(2, 7)}, path=folder / f"{variant}-{merged}.onnx",
+                                 merged=merged)
+            results[variant, merged] = (model, result)
+    base_result = export_onnx(build("llama"), kwargs={"input_ids": input_ids(2, 7)}, path=folder / "base.onnx")
+    return results, base_result, folder
+
+
+@pytest.mark.parametrize("merged", [True, False], ids=["merged", "unmerged"])
+@pytest.mark.parametrize("variant", list(CONFIGS))
+def test_onnxruntime_matches_torch_at_other_sizes(exports, variant, merged):
+    model, result = exports[0][variant, merged]
+    assert result.max_abs_error < 1e-4
+    onnx.checker.check_model(str(result.path))
+    session = load_session(result.path, device="cpu")
+    for batch, seq in [(1, 1), (3, 12)]:
+        ids = input_ids(batch, seq, seed=batch + seq)
+        torch.testing.assert_close(run(session, ids), model_output(model, ids), atol=1e-4, rtol=1e-4)
+    assert len(result.block_inputs) == (0 if merged else 14)
+
+
+def _op_counts(path):
+    return collections.Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+
+
+@pytest.mark.parametrize("variant", list(CONFIGS))
+def test_merged_graph_is_the_base_models_graph(exports, variant):
+    _, result = exports[0][variant, True]
+    assert _op_counts(result.path) == _op_counts(exports[1].path)
+    graph = onnx.load(str(result.path)).graph
+    assert not [i.name for i in graph.input if BLOCK_MARKER in i.name]
+
+
+def test_unmerged_blocks_are_overridable_inputs(exports):
+    _, result = exports[0]["bat", False]
+    graph = onnx.load(str(result.path)).graph
+    initializers = {i.name for i in graph.initializer}
+    blocks = [i.name for i in graph.input if BLOCK_MARKER in i.name]
+    assert len(blocks) == 14 and set(blocks) <= initializers
+    assert "model.layers.0.self_attn.q_proj.miss_block.default" in blocks
+
+
+@pytest.mark.parametrize("variant", ["balance", "bat"])
+def test_adapter_file_swap_equals_fresh_export(exports, tmp_path, variant):
+    _, result = exports[0][variant, False]
+    _, other = adapted(variant=variant, seed=9)
+    save_adapter(other, tmp_path / "peft-format")
+    adapter_file = write_onnx_adapter(tmp_path / "peft-format", tmp_path / "other.onnx_adapter", result.path)
+    fresh = export_onnx(other, kwargs={"input_ids": input_ids(2, 7)}, path=tmp_path / "fresh.onnx", validate=False)
+    session, fresh_session = load_session(result.path, device="cpu"), load_session(fresh.path, device="cpu")
+    ids = input_ids(2, 9, seed=4)
+    swapped = session.run({"input_ids": ids}, adapter=adapter_file)[0]
+    torch.testing.assert_close(swapped, run(fresh_session, ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(swapped, model_output(other, ids), atol=1e-4, rtol=1e-4)
+    # without the adapter the session still runs its own blocks
+    torch.testing.assert_close(run(session, ids), model_output(exports[0][variant, False][0], ids), atol=1e-4, rtol=1e-4)
+
+
+def test_adapter_that_does_not_fit_is_named(exports, tmp_path):
+    _, result = exports[0]["balance", False]
+    _, bat = adapted(variant="bat")
+    with pytest.raises(ValueError, match=r"q_proj.miss_block.default': shape \(4, 8, 8\), the graph expects \(3, 32\)"):
+        write_onnx_adapter(bat, tmp_path / "bad.onnx_adapter", result.path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_peft_model_exports_unmerged(tmp_path):
+    base = build("llama")
+    theirs = peft.get_peft_model(clone(base), CONFIGS["mini"].to_peft())
+    randomize_blocks(theirs)
+    theirs.eval()
+    result = export_onnx(theirs, kwargs={"input_ids": input_ids()}, path=tmp_path / "peft.onnx")
+    assert len(result.block_inputs) == 14
+    ids = input_ids(3, 4, seed=5)
+    torch.testing.assert_close(run(load_session(result.path, device="cpu"), ids), model_output(theirs, ids),
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_name,variant", [("qwen2", "bat"), ("bert", "mini"), ("gpt2", "balance")])
+def test_other_models_unmerged(tmp_path, model_name, variant):
+    _, model = adapted(model_name, variant)
+    result = export_onnx(model, kwargs={"input_ids": input_ids()}, path=tmp_path / "m.onnx")
+    assert len(result.block_inputs) == sum(".miss_block." in n for n, _ in model.named_parameters())
+    ids = input_ids(3, 5, seed=6)
+    torch.testing.assert_close(run(load_session(result.path, device="cpu"), ids), model_output(model, ids),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_fp16_export_parity(tmp_path):
+    _, model = adapted(variant="balance")
+    result = export_onnx(model, kwargs={"input_ids": input_ids()}, path=tmp_path / "fp16.onnx", dtype=torch.float16)
+    graph = onnx.load(str(result.path)).graph
+    block = next(i for i in graph.initializer if BLOCK_MARKER in i.name)
+    assert block.data_type == onnx.TensorProto.FLOAT16
+    ids = input_ids(2, 6, seed=8)
+    logits = run(load_session(result.path, device="cpu"), ids)
+    assert logits.dtype == torch.float16
+    torch.testing.assert_close(logits.float(), model_output(model, ids), atol=5e-2, rtol=5e-2)
+
+
+def test_cuda_request_without_cuda_warns_once_and_runs_on_cpu(exports):
+    import export.runtime as runtime
+
+    _, result = exports[0]["balance", False]
+    if "CUDAExecutionProvider" in runtime.ort.get_available_providers() and torch.cuda.is_available():
+        pytest.skip("a CUDA machine: the fallback path does not apply")  # the cuda tests cover it there
+    runtime._warned_cpu_fallback = False
+    with pytest.warns(RuntimeWarning, match="onnxruntime runs on the CPU"):
+        session = load_session(result.path, device="cuda")
+    assert session.device == "cpu"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_session(result.path, device="cuda")  # once only
+
+
+def test_failed_export_leaves_no_file(tmp_path):
+    _, model = adapted()
+    target = tmp_path / "model.onnx"
+    with pytest.raises(ValueError, match="opset=17"):
+        export_onnx(model, kwargs={"input_ids": input_ids()}, path=target, opset=17)
+    assert not list(tmp_path.iterdir())
