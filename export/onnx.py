@@ -77,6 +77,12 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, An
     bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
     shapes: dict[str, Any] = {}
     for name, value in bound.items():
+        if isinstance(value, torch.Tensor) and any(size < 2 for size in value.shape[:2]):
+            # torch.export specializes sizes 0 and 1: the graph would only take that size.
+            raise ValueError(
+                f"example input {name!r} has shape {tuple(value.shape)}; a dynamic export needs batch and "
+                "sequence sizes >= 2 in the example (or pass dynamic=False)"
+            )
         if isinstance(value, torch.Tensor) and value.dim() >= 1:
             shapes[name] = {0: "batch", 1: "sequence"} if value.dim() >= 2 else {0: "batch"}
         else:

@@ -157,9 +157,39 @@ def test_cuda_request_without_cuda_warns_once_and_runs_on_cpu(exports):
         load_session(result.path, device="cuda")  # once only
 
 
+def test_dynamic_export_refuses_size_one_examples(tmp_path):
+    _, model = adapted()
+    with pytest.raises(ValueError, match=r"example input 'input_ids' has shape \(1, 7\); a dynamic export needs"):
+        export_onnx(model, kwargs={"input_ids": input_ids(1, 7)}, path=tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())
+
+
 def test_failed_export_leaves_no_file(tmp_path):
     _, model = adapted()
     target = tmp_path / "model.onnx"
     with pytest.raises(ValueError, match="opset=17"):
         export_onnx(model, kwargs={"input_ids": input_ids()}, path=target, opset=17)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("unmerged", [False, True], ids=["merged", "unmerged"])
+def test_cli_end_to_end_on_saved_folders(tmp_path, capsys, unmerged):
+    base = build("llama")
+    base.save_pretrained(tmp_path / "base")
+    theirs = peft.get_peft_model(clone(base), CONFIGS["bat"].to_peft())
+    randomize_blocks(theirs)
+    theirs.save_pretrained(tmp_path / "adapter")
+    from export.cli import main
+
+    out = tmp_path / "out" / "model.onnx"
+    argv = [str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "-o", str(out)]
+    assert main(argv + (["--unmerged"] if unmerged else [])) == 0
+    printed = capsys.readouterr().out
+    assert "[1/" in printed and "summary: " in printed and "max abs error vs torch" in printed
+    ids = input_ids(2, 5, seed=3)
+    session = load_session(out, device="cpu")
+    torch.testing.assert_close(run(session, ids), model_output(theirs.eval(), ids), atol=1e-4, rtol=1e-4)
+    assert out.with_suffix(".onnx_adapter").is_file() == unmerged
+    if unmerged:
+        swapped = session.run({"input_ids": ids}, adapter=out.with_suffix(".onnx_adapter"))[0]
+        torch.testing.assert_close(swapped, model_output(theirs, ids), atol=1e-4, rtol=1e-4)

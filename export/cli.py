@@ -1,0 +1,105 @@
+"""miss-export: a local transformers model folder + a PEFT MiSS adapter folder -> ONNX.
+
+    miss-export BASE --adapter DIR -o OUT.onnx [--unmerged] [--dtype fp16] [--device cuda]
+
+Merged by default (the base model's graph and cost). --unmerged keeps blocks apart as
+overridable initializers and also writes OUT.onnx_adapter for the given adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from miss_compile.checkpoint import load_adapter
+
+from .adapters import write_onnx_adapter
+from .onnx import export_onnx
+from .runtime import load_session
+
+__all__ = ["main"]
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+class _Progress:
+    """One line per long step, with its time: loading, exporting, validating, checking."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps, self.done = steps, 0
+
+    def step(self, what: str, work: Callable[[], Any]) -> Any:
+        self.done += 1
+        print(f"[{self.done}/{self.steps}] {what} ...", end="", flush=True)
+        start = time.perf_counter()
+        try:
+            result = work()
+        except BaseException:
+            print(" failed", flush=True)
+            raise
+        print(f" done ({time.perf_counter() - start:.1f}s)", flush=True)
+        return result
+
+
+def _load_base(folder: Path) -> torch.nn.Module:
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"miss-export: {folder} is not a transformers model folder (no config.json)")
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    architectures = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if model_class is None:
+        model_class = transformers.AutoModel
+    return model_class.from_pretrained(folder, local_files_only=True).eval()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="miss-export", description=__doc__.splitlines()[0])
+    parser.add_argument("base", type=Path, help="local transformers model folder (save_pretrained)")
+    parser.add_argument("--adapter", type=Path, required=True, help="PEFT-format MiSS adapter folder")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="the .onnx file to write")
+    parser.add_argument("--unmerged", action="store_true", help="keep blocks apart (swappable adapters)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the final check runs")
+    parser.add_argument("--seq", type=int, default=8, help="example sequence length for export (>= 2)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    start = time.perf_counter()
+    progress = _Progress(steps=4 if args.unmerged else 3)
+    model = progress.step(f"loading {args.base} with adapter {args.adapter}",
+                          lambda: load_adapter(_load_base(args.base), args.adapter))
+    vocab = model.get_input_embeddings().num_embeddings
+    input_ids = torch.randint(0, vocab, (2, args.seq), generator=torch.Generator().manual_seed(0))
+    kind = "unmerged" if args.unmerged else "merged"
+    result = progress.step(
+        f"exporting {kind} ONNX and validating on onnxruntime",
+        lambda: export_onnx(model, kwargs={"input_ids": input_ids}, path=args.output,
+                            merged=not args.unmerged, dtype=DTYPES[args.dtype]),
+    )
+    if args.unmerged:
+        adapter_path = args.output.with_suffix(".onnx_adapter")
+        progress.step(f"writing {adapter_path}", lambda: write_onnx_adapter(args.adapter, adapter_path, args.output))
+    session = progress.step(f"running once on {args.device}", lambda: _check_run(args.output, args.device, input_ids))
+    print(f"summary: {result.path} ({kind}, {args.dtype}), {result.nodes} nodes, {result.bytes / 1e6:.1f} MB, "
+          f"max abs error vs torch {result.max_abs_error:.2e}, onnxruntime on {session.device}, "
+          f"{time.perf_counter() - start:.1f}s in all")
+    return 0
+
+
+def _check_run(path: Path, device: str, input_ids: torch.Tensor) -> Any:
+    session = load_session(path, device=device)
+    session.run({"input_ids": input_ids})
+    return session
+
+
+if __name__ == "__main__":
+    sys.exit(main())
