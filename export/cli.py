@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,14 +38,14 @@ class _Progress:
 
     def step(self, what: str, work: Callable[[], Any]) -> Any:
         self.done += 1
-        print(f"[{self.done}/{self.steps}] {what} ...", end="", flush=True)
+        print(f"[{self.done}/{self.steps}] {what} ...", flush=True)
         start = time.perf_counter()
         try:
             result = work()
         except BaseException:
-            print(" failed", flush=True)
+            print(f"[{self.done}/{self.steps}] failed", flush=True)
             raise
-        print(f" done ({time.perf_counter() - start:.1f}s)", flush=True)
+        print(f"[{self.done}/{self.steps}] done in {time.perf_counter() - start:.1f}s", flush=True)
         return result
 
 
@@ -73,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecations a user cannot act on
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     start = time.perf_counter()
     progress = _Progress(steps=4 if args.unmerged else 3)
     model = progress.step(f"loading {args.base} with adapter {args.adapter}",

@@ -8,12 +8,14 @@ unmerged: each adapted Linear keeps W and its MiSS block apart; blocks are overr
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,6 +147,7 @@ def export_onnx(
     program = torch.onnx.export(
         prepared,
         args,
+        verbose=False,
         kwargs=kwargs,
         dynamo=True,
         opset_version=opset,
@@ -154,7 +157,8 @@ def export_onnx(
         external_data=external_data,
     )
     block_inputs = [] if merged else _expose_blocks(program)
-    program.optimize()
+    with _quiet("onnx_ir.passes.common.initializer_deduplication"):  # blocks stay apart by design
+        program.optimize()
     _save_atomically(program, path, external_data)
     result = ExportResult(
         path=path,
@@ -175,6 +179,17 @@ def export_onnx(
     result.seconds = time.perf_counter() - start
     logger.info("%s", result)
     return result
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    quieted = logging.getLogger(logger_name)
+    level = quieted.level
+    quieted.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        quieted.setLevel(level)
 
 
 def _cast_inputs(values: Any, dtype: torch.dtype | None) -> Any:

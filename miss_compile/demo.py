@@ -2,7 +2,8 @@
 
 Run with `./dev demo` (or `python -m miss_compile`). Prints, per variant, how many Linears became
 miss ops (and were folded into W with merge=True), the largest error of eager, compiled and merged
-against the reference math (the base model with merged weights), and interleaved median timings.
+against the reference math (the base model with merged weights), and interleaved median timings;
+then the same model exported to merged and unmerged ONNX and run on onnxruntime.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import argparse
 import copy
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import transformers
@@ -80,14 +83,42 @@ def _run_variant(base: torch.nn.Module, compiled_base: Callable, config: MissCon
         errors = [(_logits(model, input_ids) - expected).abs().max().item() for model in (adapted, compiled, merged)]
         times = _median_ms([lambda m=m: _logits(m, input_ids) for m in (adapted, compiled, merged, compiled_base)],
                            repeats)
+    onnx_errors, onnx_times = _onnx_rows(adapted, input_ids, expected, repeats)
     layers = named_miss_layers(adapted)
     return {
+        "onnx_errors": onnx_errors,
+        "onnx_times": onnx_times,
         "layers": len(layers),
         "rewritten": sum(len(report.rewritten) for report in unmerged_backend.graph_pass.reports),
         "folded": sum(item.merged for report in merged_backend.graph_pass.reports for item in report.rewritten),
         "errors": errors,
         "times": times,
     }
+
+
+def _onnx_rows(adapted: torch.nn.Module, input_ids: torch.Tensor, expected: torch.Tensor,
+               repeats: int) -> tuple[list[float], list[float]]:
+    """Merged and unmerged ONNX on onnxruntime: errors against the reference, interleaved timings."""
+    import onnxruntime
+
+    from export import export_onnx, load_session  # the exporter is a separate package
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory() as folder:
+        sessions = []
+        for merged in (True, False):
+            path = Path(folder) / f"{'merged' if merged else 'unmerged'}.onnx"
+            export_onnx(adapted, kwargs={"input_ids": input_ids}, path=path, merged=merged)
+            options = onnxruntime.SessionOptions()
+            # No spin-waiting after a run: it would steal the cores from the interleaved torch runs.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            sessions.append(load_session(path, device=device, session_options=options))
+        feeds = {"input_ids": input_ids}
+        errors = [(session.run(feeds)[0].cpu() - expected).abs().max().item() for session in sessions]
+        with torch.no_grad():
+            times = _median_ms([lambda s=s: s.run(feeds) for s in sessions] + [lambda: _logits(adapted, input_ids)],
+                               repeats)
+    return errors, times
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,15 +141,22 @@ def main(argv: list[str] | None = None) -> None:
     header = ("variant", "layers", "as op", "folded", "err eager", "err compiled", "err merged",
               "eager ms", "compiled ms", "merged ms", "limit ms")
     print(("{:<9}" + "{:>8}" * 3 + "{:>13}" * 3 + "{:>12}" * 4).format(*header))
+    rows = {}
     for variant in args.variants:
-        row = _run_variant(base, compiled_base, VARIANTS[variant], input_ids, args.repeats)
+        row = rows[variant] = _run_variant(base, compiled_base, VARIANTS[variant], input_ids, args.repeats)
         print(("{:<9}" + "{:>8}" * 3 + "{:>13.2e}" * 3 + "{:>12.2f}" * 4).format(
             variant, row["layers"], row["rewritten"], row["folded"], *row["errors"], *row["times"]))
         worst = max(row["errors"])
         if worst > 1e-4 or row["rewritten"] != row["layers"] or row["folded"] != row["layers"]:
             raise SystemExit(f"{variant}: error {worst:.2e}, {row['rewritten']}/{row['layers']} layers as ops, "
                              f"{row['folded']}/{row['layers']} folded")
-    print("ONNX export joins this table when it lands.")
+    print(f"\nonnxruntime ({'CUDA' if torch.cuda.is_available() else 'CPU'} provider), same inputs and reference")
+    print(("{:<9}" + "{:>13}" * 2 + "{:>12}" * 3).format(
+        "variant", "err merged", "err unmerged", "merged ms", "unmerged ms", "torch eager"))
+    for variant, row in rows.items():
+        print(("{:<9}" + "{:>13.2e}" * 2 + "{:>12.2f}" * 3).format(variant, *row["onnx_errors"], *row["onnx_times"]))
+        if max(row["onnx_errors"]) > 1e-4:
+            raise SystemExit(f"{variant}: onnxruntime differs from the reference by {max(row['onnx_errors']):.2e}")
 
 
 if __name__ == "__main__":
