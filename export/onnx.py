@@ -27,6 +27,7 @@ from torch import nn
 from miss_compile.inject import merge_adapters
 from miss_compile.peft_compat import from_peft, named_miss_layers
 
+from .functions import group_into_functions
 from .translation import OPSET, TRANSLATIONS
 
 __all__ = ["export_onnx", "ExportResult", "BLOCK_MARKER", "IR_VERSION"]
@@ -109,6 +110,9 @@ def _save_atomically(program: Any, path: Path, external_data: bool) -> None:
         staged = staging / path.name
         program.model.ir_version = IR_VERSION
         program.save(staged, external_data=external_data)
+        proto = onnx.load(str(staged), load_external_data=False)
+        if group_into_functions(proto):
+            onnx.save(proto, str(staged))  # external tensors keep pointing at the same data file
         onnx.checker.check_model(str(staged))
         data_files = [p for p in staging.iterdir() if p != staged]
         for data_file in data_files:

@@ -41,8 +41,9 @@ def _warn_cpu_fallback(reason: str) -> None:
 class MissSession:
     """An InferenceSession with torch I/O, IO binding on CUDA, and cached adapter files."""
 
-    def __init__(self, session: ort.InferenceSession) -> None:
+    def __init__(self, session: ort.InferenceSession, io_binding: bool = False) -> None:
         self.session = session
+        self.io_binding = io_binding
         self.device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
@@ -71,23 +72,24 @@ class MissSession:
         options = ort.RunOptions()
         if adapter is not None:
             options.add_active_adapter(self._adapter(adapter))
-        if self.device == "cuda":
+        if self.device == "cuda" or self.io_binding:
             return self._run_bound(inputs, options)
         feeds = {name: value.detach().cpu().numpy() for name, value in inputs.items()}
         return [torch.from_numpy(np.asarray(out)) for out in self.session.run(None, feeds, options)]
 
     def _run_bound(self, inputs: Mapping[str, torch.Tensor], options: ort.RunOptions) -> list[torch.Tensor]:
-        # IO binding: inputs are read where torch keeps them, outputs stay on the GPU.
+        # IO binding: onnxruntime reads the inputs where torch keeps them (no copy through numpy)
+        # and leaves the outputs on the session's device. The same path runs on CPU in the tests.
         binding = self.session.io_binding()
-        kept = []
+        kept = []  # the bound memory must outlive the run
         for name, value in inputs.items():
-            value = value.detach().to("cuda").contiguous()
+            value = value.detach().to(self.device).contiguous()
             kept.append(value)
-            binding.bind_input(name, "cuda", 0, _numpy_dtype(value.dtype), list(value.shape), value.data_ptr())
+            binding.bind_input(name, self.device, 0, _numpy_dtype(value.dtype), list(value.shape), value.data_ptr())
         for name in self.output_names:
-            binding.bind_output(name, "cuda", 0)
+            binding.bind_output(name, self.device, 0)
         self.session.run_with_iobinding(binding, options)
-        return [_to_torch(out) for out in binding.get_outputs()]
+        return [_to_torch(out, self.device) for out in binding.get_outputs()]
 
 
 def _numpy_dtype(dtype: torch.dtype) -> type:
@@ -95,16 +97,21 @@ def _numpy_dtype(dtype: torch.dtype) -> type:
             torch.int32: np.int32, torch.bool: np.bool_}[dtype]
 
 
-def _to_torch(value: ort.OrtValue) -> torch.Tensor:
-    return torch.from_dlpack(value.to_dlpack()) if hasattr(value, "to_dlpack") else torch.from_numpy(value.numpy())
+def _to_torch(value: ort.OrtValue, device: str) -> torch.Tensor:
+    if device == "cuda":
+        return torch.from_dlpack(value.to_dlpack())  # stays on the GPU, no copy
+    return torch.from_numpy(value.numpy())
 
 
 def load_session(
     path: str | os.PathLike,
     device: str = "cuda",
     session_options: ort.SessionOptions | None = None,
+    io_binding: bool | None = None,
 ) -> MissSession:
-    """An onnxruntime session on `device`; "cuda" falls back to the CPU with one warning."""
+    """An onnxruntime session on `device`; "cuda" falls back to the CPU with one warning.
+
+    On CUDA runs always use IO binding on torch tensors; io_binding=True uses it on the CPU too."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
@@ -117,4 +124,4 @@ def load_session(
     session = ort.InferenceSession(str(path), options, providers=providers)
     if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
         _warn_cpu_fallback("the CUDA provider did not load (no GPU, or CUDA/cuDNN libraries missing)")
-    return MissSession(session)
+    return MissSession(session, io_binding=bool(io_binding))

@@ -73,6 +73,19 @@ def test_merged_graph_is_the_base_models_graph(exports, variant):
     assert not [i.name for i in graph.input if BLOCK_MARKER in i.name]
 
 
+@pytest.mark.parametrize("variant,function", [("balance", "MissLinear"), ("mini", "MissLinear"), ("bat", "BatLinear")])
+def test_unmerged_graph_calls_one_local_function_per_layer(exports, variant, function):
+    _, result = exports[0][variant, False]
+    model = onnx.load(str(result.path))
+    calls = [node for node in model.graph.node if node.domain == "miss"]
+    assert [node.op_type for node in calls] == [function] * 14
+    overloads = {f.overload for f in model.functions if f.domain == "miss" and f.name == function}
+    assert "model.layers.0.self_attn.q_proj" in overloads and len(overloads) == 14
+    bodies = {op for f in model.functions for op in (node.op_type for node in f.node)}
+    assert bodies <= {"MatMul", "Transpose", "Add", "Pad", "Shape", "Slice", "Concat", "Reshape", "ReduceSum", "Tile",
+                      "Unsqueeze", "Cast", "Constant"}  # standard ops only
+
+
 def test_unmerged_blocks_are_overridable_inputs(exports):
     _, result = exports[0]["bat", False]
     graph = onnx.load(str(result.path)).graph
@@ -96,6 +109,14 @@ def test_adapter_file_swap_equals_fresh_export(exports, tmp_path, variant):
     torch.testing.assert_close(swapped, model_output(other, ids), atol=1e-4, rtol=1e-4)
     # without the adapter the session still runs its own blocks
     torch.testing.assert_close(run(session, ids), model_output(exports[0][variant, False][0], ids), atol=1e-4, rtol=1e-4)
+
+
+def test_io_binding_path_equals_plain_runs(exports):
+    """The binding code CUDA uses, exercised on the CPU provider."""
+    _, result = exports[0]["mini", False]
+    plain, bound = load_session(result.path, device="cpu"), load_session(result.path, device="cpu", io_binding=True)
+    ids = input_ids(2, 6, seed=12)
+    torch.testing.assert_close(bound.run({"input_ids": ids})[0], plain.run({"input_ids": ids})[0], atol=0, rtol=0)
 
 
 def test_adapter_that_does_not_fit_is_named(exports, tmp_path):
@@ -130,7 +151,9 @@ def test_other_models_unmerged(tmp_path, model_name, variant):
 
 def test_fp16_export_parity(tmp_path):
     _, model = adapted(variant="balance")
-    result = export_onnx(model, kwargs={"input_ids": input_ids()}, path=tmp_path / "fp16.onnx", dtype=torch.float16)
+    result = export_onnx(model, kwargs={"input_ids": input_ids()}, path=tmp_path / "fp16.onnx", dtype=torch.float16,
+                         external_data=True)
+    assert (tmp_path / "fp16.onnx.data").is_file()  # weights beside the graph, as past 2 GB
     graph = onnx.load(str(result.path)).graph
     block = next(i for i in graph.initializer if BLOCK_MARKER in i.name)
     assert block.data_type == onnx.TensorProto.FLOAT16
