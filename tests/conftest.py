@@ -14,28 +14,21 @@ from miss_compile.peft_compat import named_miss_layers
 VOCAB = 64
 
 
+# Decoders: hidden 32, kv 16, intermediate 48 (r = 3 divides none of 32; bat r = 8 divides all).
+DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
 def tiny_llama() -> nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER))
 
 
 def tiny_qwen2() -> nn.Module:
-    config = transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return transformers.Qwen2ForCausalLM(config)
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**DECODER))
 
 
 def tiny_mistral() -> nn.Module:
-    config = transformers.MistralConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return transformers.MistralForCausalLM(config)
+    return transformers.MistralForCausalLM(transformers.MistralConfig(**DECODER))
 
 
 def tiny_bert() -> nn.Module:
