@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU run (see ../shared/GPU.md): CUDA tests and the demo table on CUDA,
+# The one prepared GPU run (see ../shared/GPU.md): the CUDA tests and the demo table,
 # logs under $OUT. Runs on the device machine's own Python (torch, Triton, PEFT are there).
 # Not yet run: no session so far has had the GPU machine.
 set -uo pipefail
