@@ -46,13 +46,18 @@ def _graph_blocks(model_path: Path) -> dict[str, tuple[tuple[int, ...], type]]:
 def write_onnx_adapter(
     adapter: str | os.PathLike | nn.Module,
     path: str | os.PathLike,
-    model_path: str | os.PathLike,
+    model_path: str | os.PathLike | None = None,
     adapter_name: str = "default",
 ) -> Path:
-    """Write an `.onnx_adapter` for the unmerged graph at `model_path` (exported with the same
-    adapter_name); names, shapes and coverage are checked against its overridable blocks."""
+    """Write an `.onnx_adapter` whose parameters are named like the unmerged graph's blocks
+    (`<module>.miss_block.<adapter_name>`). With `model_path`, names, shapes and coverage are
+    checked against that graph's overridable blocks and dtypes follow it (fp16 exports);
+    without it the blocks are written as fp32."""
     parameters = adapter_parameters(adapter, adapter_name)
-    expected = _graph_blocks(Path(model_path))
+    if model_path is None:
+        expected = {name: (tuple(block.shape), np.float32) for name, block in parameters.items()}
+    else:
+        expected = _graph_blocks(Path(model_path))
     problems = [f"missing block for graph input {name!r}" for name in sorted(set(expected) - set(parameters))]
     problems += [f"{name!r} is not an overridable block of the graph" for name in sorted(set(parameters) - set(expected))]
     for name in sorted(set(expected) & set(parameters)):

@@ -3,6 +3,7 @@
 import collections
 
 import onnx
+import onnxruntime as ort
 import peft
 import pytest
 import torch
@@ -100,7 +101,14 @@ def test_adapter_file_swap_equals_fresh_export(exports, tmp_path, variant):
     _, result = exports[0][variant, False]
     _, other = adapted(variant=variant, seed=9)
     save_adapter(other, tmp_path / "peft-format")
-    adapter_file = write_onnx_adapter(tmp_path / "peft-format", tmp_path / "other.onnx_adapter", result.path)
+    checked = write_onnx_adapter(tmp_path / "peft-format", tmp_path / "other.onnx_adapter", result.path)
+    unchecked = write_onnx_adapter(other, tmp_path / "from-model.onnx_adapter")  # from a model, no graph check
+    formats = [ort.AdapterFormat.read_adapter(str(p)) for p in (checked, unchecked)]  # own the memory
+    checked_values, unchecked_values = (
+        {name: value.numpy().copy() for name, value in adapter.get_parameters().items()} for adapter in formats)
+    assert checked_values.keys() == unchecked_values.keys() and len(checked_values) == 14
+    assert all((checked_values[name] == unchecked_values[name]).all() for name in checked_values)
+    adapter_file = checked
     fresh = export_onnx(other, kwargs={"input_ids": input_ids(2, 7)}, path=tmp_path / "fresh.onnx", validate=False)
     session, fresh_session = load_session(result.path, device="cpu"), load_session(fresh.path, device="cpu")
     ids = input_ids(2, 9, seed=4)
