@@ -94,6 +94,14 @@ def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--soak", type=float, default=None, metavar="SECONDS",
+        help="run the hypothesis fuzz tests (tests/test_fuzz.py) for about SECONDS in all, with fresh random "
+             "seeds, and report examples tried and failures (release check; CI runs them derandomized)",
+    )
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
