@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,8 +102,23 @@ def _expose_blocks(program: Any) -> list[str]:
     return names
 
 
-def _save_atomically(program: Any, path: Path, external_data: bool) -> None:
-    """Write into a temp folder beside `path`, then move into place: a failure leaves no partial file."""
+def _check_writable(path: Path) -> None:
+    """Fail before the (slow) export when `path` cannot be written."""
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot export to {path}: it is a folder; pass a file path such as {path / 'model.onnx'}")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"cannot export to {path}: {folder} is a file, not a folder; choose another path")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"cannot export to {path}: {folder} is not writable; choose a writable folder")
+
+
+def _save_atomically(program: Any, path: Path, external_data: bool,
+                     check: Callable[[Path], None] | None = None) -> None:
+    """Write into a temp folder beside `path`, check the staged file, then move it into place: a
+    failure (validation included) leaves no partial file and any earlier file at `path` as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -114,6 +129,8 @@ def _save_atomically(program: Any, path: Path, external_data: bool) -> None:
         if group_into_functions(proto):
             onnx.save(proto, str(staged))  # external tensors keep pointing at the same data file
         onnx.checker.check_model(str(staged))
+        if check is not None:
+            check(staged)
         data_files = [p for p in staging.iterdir() if p != staged]
         for data_file in data_files:
             os.replace(data_file, path.parent / data_file.name)
@@ -143,6 +160,7 @@ def export_onnx(
     start = time.perf_counter()
     kwargs = dict(kwargs or {})
     path = Path(path)
+    _check_writable(path)
     prepared = prepare(model, merged, dtype)
     args, kwargs = _cast_inputs(args, dtype), _cast_inputs(kwargs, dtype)
     size = sum(p.numel() * p.element_size() for p in prepared.parameters())
@@ -163,7 +181,15 @@ def export_onnx(
     block_inputs = [] if merged else _expose_blocks(program)
     with _quiet("onnx_ir.passes.common.initializer_deduplication"):  # blocks stay apart by design
         program.optimize()
-    _save_atomically(program, path, external_data)
+    errors: list[float] = []
+
+    def check(staged: Path) -> None:
+        if validate:
+            from .validate import validate_export
+
+            errors.extend(validate_export(prepared, staged, args, kwargs, dynamic))
+
+    _save_atomically(program, path, external_data, check)
     result = ExportResult(
         path=path,
         merged=merged,
@@ -172,14 +198,8 @@ def export_onnx(
         seconds=time.perf_counter() - start,
         block_inputs=block_inputs,
     )
-    if validate:
-        from .validate import validate_export
-
-        try:
-            result.max_abs_error, result.max_rel_error = validate_export(prepared, path, args, kwargs, dynamic)
-        except BaseException:
-            _remove(path)
-            raise
+    if errors:
+        result.max_abs_error, result.max_rel_error = errors
     result.seconds = time.perf_counter() - start
     logger.info("%s", result)
     return result
@@ -203,9 +223,4 @@ def _cast_inputs(values: Any, dtype: torch.dtype | None) -> Any:
     if isinstance(values, dict):
         return {k: cast(v) for k, v in values.items()}
     return tuple(cast(v) for v in values)
-
-
-def _remove(path: Path) -> None:
-    path.unlink(missing_ok=True)
-    Path(str(path) + ".data").unlink(missing_ok=True)
 

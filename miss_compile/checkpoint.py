@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from .config import MissConfig
 from .inject import apply_miss
 from .peft_compat import adapter_variant, named_miss_layers, peft_tuner
 
-__all__ = ["save_adapter", "load_adapter", "read_adapter"]
+__all__ = ["save_adapter", "load_adapter", "read_adapter", "write_adapter"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +61,36 @@ def _config_of(layers: dict[str, nn.Module], adapter_name: str) -> MissConfig:
     )
 
 
-def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+def _atomic_write(files: dict[Path, Callable[[str], object]]) -> None:
+    """Write every file to a temp file beside it first, then move them all into place: a failed
+    write (full disk, bad permissions, a block that cannot be serialized) changes no file."""
+    staged: dict[Path, str] = {}
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        for path, write in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            os.close(fd)
+            staged[path] = tmp
+            write(tmp)
+        for path, tmp in staged.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in staged.values():
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _writable_folder(directory: Path) -> Path:
+    """`directory`, created if need be; a clear error when it cannot hold the adapter's files."""
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"cannot save the adapter to {directory}: it is a file; pass a folder path")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PermissionError(
+            f"cannot save the adapter to {directory}: {error.strerror or error}; choose a writable folder"
+        ) from None
+    if not os.access(directory, os.W_OK):
+        raise PermissionError(f"cannot save the adapter to {directory}: the folder is not writable; choose another")
+    return directory
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
@@ -79,12 +101,19 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     merged = [name for name, layer in layers.items() if adapter_name in layer.merged_adapters]
     if merged:
         logger.info("saving %r while merged into %d layers; blocks are saved as they are", adapter_name, len(merged))
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {_key(name): layer.miss_block[adapter_name].detach().cpu().contiguous() for name, layer in layers.items()}
-    config = _config_of(layers, adapter_name).to_peft_dict()
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    blocks = {name: layer.miss_block[adapter_name] for name, layer in layers.items()}
+    return write_adapter(directory, blocks, _config_of(layers, adapter_name))
+
+
+def write_adapter(directory: str | os.PathLike, blocks: dict[str, torch.Tensor], config: MissConfig) -> Path:
+    """Write blocks (layer name -> block) and their config in PEFT's layout, each file atomically."""
+    directory = _writable_folder(Path(directory))
+    tensors = {_key(name): block.detach().cpu().contiguous() for name, block in blocks.items()}
+    peft_config = config.to_peft_dict()
+    _atomic_write({
+        directory / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+        directory / CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(peft_config, indent=2) + "\n"),
+    })
     return directory
 
 
@@ -117,8 +146,7 @@ def _read_blocks(directory: Path) -> dict[str, torch.Tensor]:
                 f"{weights_path} is truncated or corrupted ({error}); re-save or re-download the adapter"
             ) from None
     elif (directory / LEGACY_WEIGHTS_NAME).is_file():
-        # Legacy PEFT checkpoints: tensors only, never arbitrary pickled objects.
-        state = torch.load(directory / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+        state = _read_legacy(directory / LEGACY_WEIGHTS_NAME)
     else:
         raise FileNotFoundError(f"{weights_path} not found (nor {LEGACY_WEIGHTS_NAME}): the adapter has no weights")
     blocks, unexpected = {}, []
@@ -133,6 +161,28 @@ def _read_blocks(directory: Path) -> dict[str, torch.Tensor]:
             f"{directory}: keys that are not MiSS blocks ({KEY_PREFIX}<module>{KEY_SUFFIX}): {sorted(unexpected)}"
         )
     return blocks
+
+
+def _read_legacy(path: Path) -> dict[str, torch.Tensor]:
+    """A legacy PEFT `adapter_model.bin`: tensors only, never arbitrary pickled objects."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message is long; keep what it says was found ("Unsupported global: GLOBAL io.open ...")
+        _, _, found = str(error).partition("WeightsUnpickler error:")
+        detail = next((line.strip() for line in found.splitlines() if line.strip()), type(error).__name__)
+        detail = detail.split(" was not an allowed global")[0]
+        raise ValueError(
+            f"{path} holds pickled objects other than tensors ({detail}); refusing to unpickle them. "
+            "Load it only if you trust its source and re-save it as adapter_model.safetensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:  # torch's own errors for damaged archives
+        raise ValueError(f"{path} is truncated or corrupted ({error}); re-save or re-download the adapter") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()
+    ):
+        raise ValueError(f"{path} must hold a dict of name -> tensor, got {type(state).__name__}; not a PEFT adapter")
+    return state
 
 
 def load_adapter(
@@ -201,7 +251,11 @@ def _check_blocks(
         if not block.is_floating_point():
             problems.append(f"{_key(name)}: dtype {block.dtype} is not floating point")
         elif check_finite and not torch.isfinite(block).all():
-            problems.append(f"{_key(name)}: holds NaN or Inf")
+            bad = int((~torch.isfinite(block)).sum())
+            problems.append(
+                f"{_key(name)}: holds NaN or Inf ({bad} of {block.numel()} values of block {tuple(block.shape)}); "
+                "the checkpoint is damaged or diverged: re-save or re-download it"
+            )
     if problems:
         listing = "\n  ".join(problems)
         raise ValueError(f"cannot load adapter {adapter_name!r} from {directory}:\n  {listing}")

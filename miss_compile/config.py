@@ -24,6 +24,28 @@ PEFT_FIELDS = frozenset({
     "base_model_name_or_path", "revision", "auto_mapping", "peft_version", "target_parameters",
 })
 
+# The JSON type of every PEFT field (ranges are MissConfig.validate's): a wrong type is named on load.
+_NUMBER, _NAMES, _TEXT = (int, float), (list, tuple, set, str), (str, type(None))
+PEFT_FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "r": ((int,), "a positive integer"),
+    "mini_r": ((int,), "a positive integer"),
+    "miss_dropout": (_NUMBER, "a number in [0, 1)"),
+    "init_weights": ((bool, str), "true, false, 'bat' or 'mini'"),
+    "target_modules": (_NAMES + (type(None),), "a list of module names, a regex or 'all-linear'"),
+    "exclude_modules": (_NAMES + (type(None),), "a list of module names, a regex or null"),
+    "bias": ((str,), "'none'"),
+    "inference_mode": ((bool,), "true or false"),
+    "task_type": (_TEXT, "a string or null"),
+    "base_model_name_or_path": (_TEXT, "a string or null"),
+    "revision": (_TEXT, "a string or null"),
+    "peft_version": (_TEXT, "a string or null"),
+    "auto_mapping": ((dict, type(None)), "an object or null"),
+    "layers_to_transform": ((list, int, type(None)), "a list of layer indices, an index or null"),
+    "layers_pattern": ((list, str, type(None)), "a string, a list of strings or null"),
+    "modules_to_save": ((list, type(None)), "a list of module names or null"),
+    "target_parameters": ((list, type(None)), "a list of parameter names or null"),
+}
+
 
 @dataclass
 class MissConfig:
@@ -138,9 +160,10 @@ class MissConfig:
         peft_type = str(getattr(fields.get("peft_type"), "value", fields.get("peft_type")))
         if peft_type != "MISS":
             raise ValueError(f"peft_type is {peft_type!r}, expected 'MISS': this is not a MiSS adapter")
+        _check_peft_types(fields)
         unsupported = {
             key: fields[key]
-            for key in ("layers_to_transform", "layers_pattern", "modules_to_save")
+            for key in ("layers_to_transform", "layers_pattern", "modules_to_save", "target_parameters")
             if fields.get(key)
         }
         if unsupported:
@@ -169,6 +192,19 @@ class MissConfig:
             exclude_modules=fields.get("exclude_modules"),
             init=init,
         )
+
+
+def _check_peft_types(fields: Mapping[str, Any]) -> None:
+    problems = []
+    for key, (types, what) in PEFT_FIELD_TYPES.items():
+        if key not in fields:
+            continue
+        value = fields[key]
+        wrong_bool = isinstance(value, bool) and bool not in types  # JSON true is not a number here
+        if wrong_bool or not isinstance(value, types):
+            problems.append(f"{key} must be {what}, got {value!r} ({type(value).__name__})")
+    if problems:
+        raise ValueError("PEFT MissConfig fields of the wrong type: " + "; ".join(problems))
 
 
 def _check_module_selector(field_name: str, value: object, allow_none: bool) -> None:

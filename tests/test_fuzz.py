@@ -21,6 +21,7 @@ import torch
 from conftest import clone
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from small_models import OneLinear
 from torch import nn
 
 from export import export_onnx, load_session
@@ -140,15 +141,6 @@ def cases(
     ))
     return Case(in_features, out_features, draw(st.booleans()), adapters, draw(st.sampled_from(dtypes)), lead,
                 draw(st.integers(0, 2**16)))
-
-
-class OneLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
-        super().__init__()
-        self.proj = nn.Linear(in_features, out_features, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
 
 
 def _config(adapter: Adapter) -> MissConfig:

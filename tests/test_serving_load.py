@@ -5,6 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from small_models import TwoLinears
 from torch import nn
 
 from export import export_onnx, load_session, write_onnx_adapter
@@ -18,16 +19,6 @@ THREADS, REQUESTS = 8, 200
 # dynamic=None: the first length (static), a second length (one dynamic graph), and length 1
 # (Dynamo specializes sizes 0 and 1).
 MAX_COMPILES = 3
-
-
-class TwoLinears(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.up = nn.Linear(12, 16)
-        self.down = nn.Linear(16, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(torch.relu(self.up(x)))
 
 
 def adapted(seed: int) -> nn.Module:
