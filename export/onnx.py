@@ -75,21 +75,27 @@ def prepare(model: nn.Module, merged: bool, dtype: torch.dtype | None = None) ->
     return prepared
 
 
+def _dynamic_dims(value: torch.Tensor, name: str = "") -> dict[int, str]:
+    """Batch (dim 0) and sequence (dim 1); a float input's last dim is features and stays static
+    (ids and masks [batch, seq], hidden states [batch, seq, features], rows [batch, features])."""
+    features = value.is_floating_point() and "mask" not in name
+    rank = value.dim() - 1 if features else value.dim()
+    return {dim: label for dim, label in ((0, "batch"), (1, "sequence")) if dim < rank}
+
+
 def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """Batch (dim 0) and sequence (dim 1) of every tensor input are dynamic."""
+    """Batch and sequence of every tensor input are dynamic (see _dynamic_dims)."""
     bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
     shapes: dict[str, Any] = {}
     for name, value in bound.items():
-        if isinstance(value, torch.Tensor) and any(size < 2 for size in value.shape[:2]):
+        dims = _dynamic_dims(value, name) if isinstance(value, torch.Tensor) else {}
+        if any(value.shape[dim] < 2 for dim in dims):
             # torch.export specializes sizes 0 and 1: the graph would only take that size.
             raise ValueError(
                 f"example input {name!r} has shape {tuple(value.shape)}; a dynamic export needs batch and "
                 "sequence sizes >= 2 in the example (or pass dynamic=False)"
             )
-        if isinstance(value, torch.Tensor) and value.dim() >= 1:
-            shapes[name] = {0: "batch", 1: "sequence"} if value.dim() >= 2 else {0: "batch"}
-        else:
-            shapes[name] = None
+        shapes[name] = dims or None
     return shapes
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from .onnx import _dynamic_dims
 from .runtime import load_session
 
 __all__ = ["validate_export", "other_size"]
@@ -22,9 +23,8 @@ def other_size(value: Any, name: str = "") -> Any:
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return value
     shape = list(value.shape)
-    shape[0] += 1
-    if len(shape) >= 2:
-        shape[1] += 2
+    for dim in _dynamic_dims(value, name):  # batch and sequence; a float input's features stay
+        shape[dim] += 1 if dim == 0 else 2
     generator = torch.Generator().manual_seed(7)
     if "mask" in name:
         return torch.ones(shape, dtype=value.dtype)
