@@ -1,0 +1,85 @@
+"""DDP and FSDP2 around MiSS models compiled with miss_backend: 2 processes (torchrun, gloo, CPU) give the
+losses and final blocks of one process training eagerly on the whole batch; their adapters load in PEFT."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from conftest import model_output
+from distributed_worker import SAVED_AT, STEPS, eval_ids, phases
+from train_distributed import TrainConfig, build_base, train
+
+from miss_compile import read_adapter
+
+pytestmark = pytest.mark.slow
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+TIMEOUT_S = 600  # a cold Inductor cache on a busy 2-core machine; a hang fails here, not in CI's timeout
+PHASES = list(phases(Path()))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("distributed")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, eager, the whole global batch (2 ranks x 2 sequences) each step."""
+    out = tmp_path_factory.mktemp("reference")
+    _, losses = train(TrainConfig(parallel="none", compile="none", batch=4, steps=STEPS, out=out))
+    return losses, out / "adapter"
+
+
+def test_reference_trains(reference):
+    losses, adapter = reference
+    _, blocks = read_adapter(adapter)
+    assert len(blocks) == 14  # 7 Linears x 2 layers
+    assert all(block.abs().max() > 1e-3 for block in blocks.values())  # zero-initialized, then trained
+    assert len(losses) == STEPS and len(set(losses)) == STEPS
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_losses_and_blocks_match_one_process(runs, reference, phase):
+    expected_losses, expected_adapter = reference
+    saved = json.loads((runs / phase / "losses.json").read_text())
+    start = saved["start_step"]
+    assert start == (SAVED_AT if phase == "fsdp2_resumed" else 0)
+    torch.testing.assert_close(saved["losses"], expected_losses[start:], rtol=1e-5, atol=1e-5)
+    config, blocks = read_adapter(runs / phase / "adapter")
+    expected_config, expected_blocks = read_adapter(expected_adapter)
+    assert config == expected_config
+    assert blocks.keys() == expected_blocks.keys()
+    for name, block in blocks.items():
+        torch.testing.assert_close(block, expected_blocks[name], rtol=1e-5, atol=1e-5)
+    assert not list((runs / phase / "adapter").glob(".*"))  # no temp files left behind
+
+
+@pytest.mark.parametrize("phase", ["ddp", "fsdp2_peft"])
+def test_every_adapted_linear_ran_as_a_miss_op(runs, phase):
+    reports = json.loads((runs / phase / "reports.json").read_text())
+    # Per-block compiles: the first block's input needs no grad, the second's does (two graphs).
+    assert len(reports) == 2
+    source = "peft pattern" if phase == "fsdp2_peft" else "miss op"
+    for report in reports:
+        assert report == {"rewritten": [source] * 7, "skipped": []}
+
+
+@pytest.mark.parametrize("phase", ["ddp", "fsdp2", "fsdp2_peft"])
+def test_saved_adapter_loads_in_peft(runs, phase):
+    """PEFT, from the saved folder, gives the logits of the trained (wrapped, compiled) model on rank 0."""
+    theirs = peft.PeftModel.from_pretrained(build_base(), runs / phase / "adapter").eval()
+    ids = eval_ids(phases(runs)[phase], world=2)[0]
+    with torch.no_grad():
+        logits = model_output(theirs, ids)
+    torch.testing.assert_close(logits, torch.load(runs / phase / "logits.pt"), rtol=1e-5, atol=1e-5)
