@@ -1,0 +1,91 @@
+"""`python -m benchmarks [--quick] [--tables ...] [--out BENCHMARKS-run.md]`: every table, one process
+per table group, interleaved runs, medians, ratios to the limit, and the targets checked."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+from . import compile_time, layer, onnx_runtime, report, training
+from .machine import describe
+
+TABLES = ("layer", "training", "compile", "onnx", "mixed")
+
+COLUMNS = {
+    "layer": (("dtype", "input", "shape"), ("contender", "ms", "ratio")),
+    "training": (("setting",), ("contender", "ms", "ratio", "peak_mib", "trainable")),
+    "compile": (("model", "cache", "rounds"), ("contender", "s", "ratio")),
+    "onnxruntime": (("provider", "input"), ("contender", "ms", "ratio")),
+    "mixed": (("setting",), ("contender", "ms", "ratio")),
+}
+
+
+def _run_table(name: str, args: argparse.Namespace) -> list[dict]:
+    if name == "layer":
+        return layer.run(args.quick, args.device, args.repeats)
+    if name == "training":
+        return training.run(args.quick, args.device, args.repeats)
+    if name == "compile":
+        return compile_time.run(args.quick, args.device, rounds=1 if args.quick else 3)
+    if name == "onnx":
+        return onnx_runtime.run(args.quick, args.device, args.repeats)
+    from . import mixed_adapters
+
+    return mixed_adapters.run(args.quick, args.device, args.repeats)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="every table on tiny sizes (the suite runs this)")
+    parser.add_argument("--tables", nargs="+", choices=TABLES, default=list(TABLES))
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per table (default 20, quick 10)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", help="also write the markdown report to this file")
+    args = parser.parse_args(argv)
+    args.repeats = args.repeats or (10 if args.quick else 20)
+    # Many contenders share forward code objects (nn.Linear, PeftModel): raise Dynamo's per-code
+    # limit, and fail loudly rather than silently running a contender eagerly past it.
+    limits = {"recompile_limit": 256, "accumulated_recompile_limit": 4096, "fail_on_recompile_limit_hit": True}
+    with torch._dynamo.config.patch(limits):
+        lines = _run(args)
+    if args.out:
+        _write_atomically(args.out, "\n".join(lines))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> list[str]:
+    started = time.perf_counter()
+    lines = ["# miss_compile benchmarks" + (" (--quick: tiny sizes, not for claims)" if args.quick else ""), ""]
+    lines += [f"- {key}: {value}" for key, value in describe(args.device).items()]
+    lines += [f"- device: {args.device}; medians of {args.repeats} interleaved rounds after warm-up", ""]
+    print("\n".join(lines), flush=True)
+    rows: list[dict] = []
+    for name in args.tables:
+        table_started = time.perf_counter()
+        new_rows = _run_table(name, args)
+        rows += new_rows
+        group_by, columns = COLUMNS[new_rows[0]["table"]]
+        text = f"## {name} ({time.perf_counter() - table_started:.0f} s)\n\n" + report.table(new_rows, group_by, columns)
+        print(text, flush=True)
+        lines.append(text)
+    text = "## targets\n\n" + report.targets_table(report.targets(rows))
+    text += f"\n\n(all tables: {time.perf_counter() - started:.0f} s)\n"
+    print(text, flush=True)
+    lines.append(text)
+    return lines
+
+
+def _write_atomically(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as handle:
+        handle.write(text)
+    os.replace(handle.name, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
