@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import copy
+import os
 
-import pytest
-import torch
-import transformers
-from torch import nn
+# One compile thread: on a 2-core CI machine with one pytest-xdist worker per core, Inductor's
+# pool of compile workers costs more in start-up than its parallel C++ builds save.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
-from miss_compile.peft_compat import named_miss_layers
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from torch import nn  # noqa: E402
+
+from miss_compile.peft_compat import named_miss_layers  # noqa: E402
 
 VOCAB = 64
 

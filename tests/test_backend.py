@@ -45,12 +45,16 @@ def block_grads(model):
 
 
 def _training_cases():
+    # Every variant on Llama, PEFT's layers and ours; the other architectures once each (the
+    # pass's matching on every architecture x variant is in test_passes, without Inductor).
     for variant in CONFIGS:
         yield "llama", "peft", variant
         yield "llama", "ours", variant
-        for model_name in ("qwen2", "mistral", "bert"):
-            yield model_name, "peft", variant
-        yield "gpt2", "ours", variant  # PEFT's MiSS does not adapt GPT-2's Conv1D
+    yield "qwen2", "peft", "balance"
+    yield "mistral", "peft", "mini"
+    yield "bert", "peft", "bat"
+    yield "gpt2", "ours", "balance"  # PEFT's MiSS does not adapt GPT-2's Conv1D
+    yield "gpt2", "ours", "bat"  # bat's fold on Conv1D's transposed weight
 
 
 @pytest.mark.parametrize("model_name,which,variant", list(_training_cases()))
