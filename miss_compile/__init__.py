@@ -3,6 +3,7 @@
 from .backend import make_backend, miss_backend
 from .checkpoint import load_adapter, read_adapter, save_adapter
 from .config import MissConfig
+from .distributed import gather_adapter, save_adapter_distributed, shard_fsdp2, trainable_blocks, wrap_ddp
 from .explain import explain
 from .inject import (
     adapters_disabled,
@@ -31,4 +32,9 @@ __all__ = [
     "make_backend",
     "explain",
     "PassReport",
+    "wrap_ddp",
+    "shard_fsdp2",
+    "trainable_blocks",
+    "gather_adapter",
+    "save_adapter_distributed",
 ]
