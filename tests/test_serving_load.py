@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from small_models import TwoLinears
+from small_models import OneLinear, TwoLinears
 from torch import nn
 
 from export import export_onnx, load_session, write_onnx_adapter
@@ -74,7 +74,10 @@ def test_threads_give_single_threaded_outputs_bit_for_bit(served):
 
 
 def test_fifty_sequence_lengths_compile_at_most_three_times():
-    model = adapted(seed=1)
+    torch.manual_seed(0)
+    model = apply_miss(OneLinear(12, 8).eval(), MissConfig(r=5, target_modules=["proj"]))  # 12 % 5 != 0
+    with torch.no_grad():
+        model.proj.miss_block["default"].normal_(std=0.1)
     compiled = torch.compile(model, backend=miss_backend)  # dynamic=None: automatic dynamic shapes
     reports_before = len(miss_backend.graph_pass.reports)
     lengths = list(range(2, 51))
@@ -87,4 +90,4 @@ def test_fifty_sequence_lengths_compile_at_most_three_times():
             torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
     reports = miss_backend.graph_pass.reports[reports_before:]
     assert 2 <= len(reports) <= MAX_COMPILES
-    assert all(len(report.rewritten) == 2 for report in reports)  # every graph has both layers as miss ops
+    assert all(len(report.rewritten) == 1 for report in reports)  # every graph has the layer as a miss op
