@@ -3,7 +3,14 @@
 from .backend import make_backend, miss_backend
 from .checkpoint import load_adapter, read_adapter, save_adapter
 from .config import MissConfig
-from .distributed import gather_adapter, save_adapter_distributed, shard_fsdp2, trainable_blocks, wrap_ddp
+from .distributed import (
+    gather_adapter,
+    load_adapter_sharded,
+    save_adapter_distributed,
+    shard_fsdp2,
+    trainable_blocks,
+    wrap_ddp,
+)
 from .explain import explain
 from .inject import (
     adapters_disabled,
@@ -37,4 +44,5 @@ __all__ = [
     "trainable_blocks",
     "gather_adapter",
     "save_adapter_distributed",
+    "load_adapter_sharded",
 ]
