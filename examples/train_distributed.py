@@ -27,7 +27,13 @@ import transformers
 from torch import nn
 
 from miss_compile import MissConfig, apply_miss, load_adapter
-from miss_compile.distributed import save_adapter_distributed, shard_fsdp2, trainable_blocks, wrap_ddp
+from miss_compile.distributed import (
+    load_adapter_sharded,
+    save_adapter_distributed,
+    shard_fsdp2,
+    trainable_blocks,
+    wrap_ddp,
+)
 
 # The tests' tiny decoder (tests/conftest.py DECODER): hidden 32, 2 layers.
 TINY_LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -50,6 +56,7 @@ class TrainConfig:
     out: Path | None = None
     save_every: int = 0
     resume: Path | None = None
+    resume_sharded: bool = False  # load the resumed adapter into the wrapped model, not before wrapping
 
 
 def build_base(seed: int = 0) -> nn.Module:
@@ -64,11 +71,11 @@ def build_model(config: TrainConfig) -> nn.Module:
     if config.peft:
         import peft
 
-        if config.resume:
+        if config.resume and not config.resume_sharded:
             model = peft.PeftModel.from_pretrained(base, config.resume, is_trainable=True)
         else:
             model = peft.get_peft_model(base, ADAPTER.to_peft())
-    elif config.resume:
+    elif config.resume and not config.resume_sharded:
         model = load_adapter(base, config.resume)
     else:
         model = apply_miss(base, ADAPTER)
@@ -102,6 +109,8 @@ def train(config: TrainConfig) -> tuple[nn.Module, list[float]]:
     rank, world = (dist.get_rank(), dist.get_world_size()) if config.parallel != "none" else (0, 1)
     model = build_model(config)
     train_model = wrap(model, config)
+    if config.resume and config.resume_sharded:
+        load_adapter_sharded(train_model, config.resume)
     optimizer = torch.optim.SGD(trainable_blocks(model), lr=config.lr)  # after wrap: FSDP2 blocks are DTensors
     losses = []
     for step in range(config.start_step, config.steps):
@@ -148,6 +157,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str]:
     parser.add_argument("--save-every", type=int, default=0)
     parser.add_argument("--resume", type=Path, help="an adapter folder written by an earlier run")
     parser.add_argument("--start-step", type=int, default=0)
+    parser.add_argument("--resume-sharded", action="store_true",
+                        help="load the adapter into the wrapped model (load_adapter_sharded), not before wrapping")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -158,6 +169,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str]:
         parallel=args.parallel, compile=args.compile or ("model" if args.parallel == "ddp" else "block"),
         peft=args.peft, steps=args.steps, start_step=args.start_step, batch=args.batch, seq=args.seq,
         lr=args.lr, device=args.device, out=args.out, save_every=args.save_every, resume=args.resume,
+        resume_sharded=args.resume_sharded,
     )
     return config, args.backend
 

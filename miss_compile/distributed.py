@@ -5,6 +5,7 @@
     train_model = shard_fsdp2(model)         # each decoder block sharded and compiled, then the root
     optimizer = torch.optim.AdamW(trainable_blocks(model), lr=1e-3)   # after wrapping (FSDP2: DTensors)
     save_adapter_distributed(model, "adapter/")   # every rank calls it; rank 0 writes PEFT's layout
+    load_adapter_sharded(train_model, "adapter/") # into a wrapped or sharded model (or load_adapter before)
 
 What goes over the wire (torch 2.13):
 - DDP broadcasts every parameter and buffer from rank 0 once, at construction (`init_sync`),
@@ -31,7 +32,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from .backend import miss_backend
-from .checkpoint import _config_of, _layers_with, write_adapter
+from .checkpoint import _check_blocks, _config_of, _layers_with, read_adapter, write_adapter
 from .peft_compat import model_root
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "trainable_blocks",
     "gather_adapter",
     "save_adapter_distributed",
+    "load_adapter_sharded",
 ]
 
 logger = logging.getLogger(__name__)
@@ -155,3 +157,28 @@ def save_adapter_distributed(model: nn.Module, directory: str | os.PathLike, ada
     if dist.is_initialized():
         dist.barrier()
     return directory
+
+
+def load_adapter_sharded(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
+    """load_adapter for a model already wrapped by DDP or sharded by FSDP2 that carries `adapter_name`:
+    every rank reads the folder and keeps its own shard of each block (no communication). The checks
+    are load_adapter's, all made before any block is written."""
+    from torch.distributed.tensor import distribute_tensor
+
+    inner = _unwrap(model)
+    layers = _layers_with(inner, adapter_name)
+    if not layers:
+        raise ValueError(
+            f"{type(inner).__name__} carries no adapter {adapter_name!r} to load into, and a wrapped or sharded "
+            "model cannot grow one: load_adapter (or PeftModel.from_pretrained) before wrapping"
+        )
+    config, blocks = read_adapter(directory)
+    _check_blocks(layers, blocks, config, adapter_name, False, directory)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            target = layer.miss_block[adapter_name]
+            block = blocks[name].to(device=target.device, dtype=target.dtype)
+            if isinstance(target, DTensor):  # FSDP2: this rank's shard, cut as FSDP2 cut the parameter
+                block = distribute_tensor(block, target.device_mesh, target.placements, src_data_rank=None)
+            target.copy_(block)
+    return model

@@ -25,8 +25,8 @@ SAVED_AT = 5  # the fsdp2 phase also saves after this step; the resume phase sta
 
 
 def phases(out: Path) -> dict[str, TrainConfig]:
-    """Name -> run. Blocks compiled one by one everywhere: the DDP, FSDP2 and resumed runs share
-    their compiled graphs (one Inductor compile of a decoder block pays for all three)."""
+    """Name -> run. Blocks compiled one by one everywhere, so the runs of one model class share their
+    compiled graphs (Inductor compiles a decoder block once for ours, once for PEFT's)."""
     base = TrainConfig(steps=STEPS, compile="block")
     return {
         "ddp": dataclasses.replace(base, parallel="ddp", out=out / "ddp"),
@@ -36,6 +36,11 @@ def phases(out: Path) -> dict[str, TrainConfig]:
             resume=out / "fsdp2" / f"step-{SAVED_AT}", start_step=SAVED_AT,
         ),
         "fsdp2_peft": dataclasses.replace(base, parallel="fsdp2", peft=True, out=out / "fsdp2_peft"),
+        # PEFT's model, sharded, then our step-5 adapter loaded into its shards (load_adapter_sharded).
+        "fsdp2_peft_resumed_sharded": dataclasses.replace(
+            base, parallel="fsdp2", peft=True, out=out / "fsdp2_peft_resumed_sharded",
+            resume=out / "fsdp2" / f"step-{SAVED_AT}", start_step=SAVED_AT, resume_sharded=True,
+        ),
     }
 
 

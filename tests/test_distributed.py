@@ -10,13 +10,12 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import model_output
-from distributed_worker import SAVED_AT, STEPS, eval_ids, phases
+from conftest import build, model_output
+from distributed_worker import STEPS, eval_ids, phases
 from train_distributed import TrainConfig, build_base, train
 
-from miss_compile import read_adapter
-
-pytestmark = pytest.mark.slow
+from miss_compile import MissConfig, apply_miss, read_adapter, save_adapter
+from miss_compile.distributed import load_adapter_sharded, shard_fsdp2, wrap_ddp
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 TIMEOUT_S = 600  # a cold Inductor cache on a busy 2-core machine; a hang fails here, not in CI's timeout
@@ -41,6 +40,7 @@ def reference(tmp_path_factory):
     return losses, out / "adapter"
 
 
+@pytest.mark.slow
 def test_reference_trains(reference):
     losses, adapter = reference
     _, blocks = read_adapter(adapter)
@@ -49,12 +49,13 @@ def test_reference_trains(reference):
     assert len(losses) == STEPS and len(set(losses)) == STEPS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", PHASES)
 def test_losses_and_blocks_match_one_process(runs, reference, phase):
     expected_losses, expected_adapter = reference
     saved = json.loads((runs / phase / "losses.json").read_text())
     start = saved["start_step"]
-    assert start == (SAVED_AT if phase == "fsdp2_resumed" else 0)
+    assert start == phases(runs)[phase].start_step
     torch.testing.assert_close(saved["losses"], expected_losses[start:], rtol=1e-5, atol=1e-5)
     config, blocks = read_adapter(runs / phase / "adapter")
     expected_config, expected_blocks = read_adapter(expected_adapter)
@@ -65,6 +66,7 @@ def test_losses_and_blocks_match_one_process(runs, reference, phase):
     assert not list((runs / phase / "adapter").glob(".*"))  # no temp files left behind
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["ddp", "fsdp2_peft"])
 def test_every_adapted_linear_ran_as_a_miss_op(runs, phase):
     reports = json.loads((runs / phase / "reports.json").read_text())
@@ -75,6 +77,7 @@ def test_every_adapted_linear_ran_as_a_miss_op(runs, phase):
         assert report == {"rewritten": [source] * 7, "skipped": []}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["ddp", "fsdp2", "fsdp2_peft"])
 def test_saved_adapter_loads_in_peft(runs, phase):
     """PEFT, from the saved folder, gives the logits of the trained (wrapped, compiled) model on rank 0."""
@@ -83,3 +86,32 @@ def test_saved_adapter_loads_in_peft(runs, phase):
     with torch.no_grad():
         logits = model_output(theirs, ids)
     torch.testing.assert_close(logits, torch.load(runs / phase / "logits.pt"), rtol=1e-5, atol=1e-5)
+
+
+# --- refusals, before any process group is needed
+
+
+def test_a_trainable_base_weight_is_named():
+    model = apply_miss(build("llama"), MissConfig(r=4, target_modules=["q_proj"]))
+    model.model.norm.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"not MiSS blocks: \['model.norm.weight'\]; freeze them"):
+        wrap_ddp(model)
+
+
+def test_fsdp2_refuses_whole_model_compile():
+    model = apply_miss(build("llama"), MissConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="compile per block"):
+        shard_fsdp2(model, compile="model")
+
+
+def test_sharded_load_needs_the_adapter_in_place(tmp_path):
+    save_adapter(apply_miss(build("llama"), MissConfig(r=4, target_modules=["q_proj"])), tmp_path)
+    with pytest.raises(ValueError, match="load_adapter .or PeftModel.from_pretrained. before wrapping"):
+        load_adapter_sharded(build("llama"), tmp_path)
+
+
+def test_sharded_load_checks_like_load_adapter(tmp_path):
+    save_adapter(apply_miss(build("llama"), MissConfig(r=4, target_modules=["q_proj"])), tmp_path)
+    other = apply_miss(build("llama"), MissConfig(r=8, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"shape \(4, 32\) in the file, \(8, 32\) in the model"):
+        load_adapter_sharded(other, tmp_path)
