@@ -3,7 +3,7 @@
 CI runs a fixed, derandomized set of examples (the "ci" hypothesis profile); a release check runs
 them for a chosen time with fresh seeds and reports what it tried:
 
-    .venv/bin/python -m pytest tests/test_fuzz.py --soak=600 -p no:cacheprovider
+    .venv/bin/python -m pytest tests/test_fuzz.py --soak=600     # examples tried include shrinking steps
 
 Eager layers (and PEFT where it computes the same thing) get many examples; Inductor compiles and
 ONNX exports cost seconds each, so they get few, on a single adapted Linear.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import peft
@@ -71,11 +72,14 @@ class Fuzzer:
             except Exception as error:  # hypothesis re-raises the shrunk failure with the example in its notes
                 notes = "\n".join(getattr(error, "__notes__", []))
                 failures.append(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}\n{notes}")
-        with self.capture.global_and_fixture_disabled():  # shown without -s
-            self.reporter.write_line(f"\nsoak {self.name}: {self.tried} examples tried in {self.budget:.0f}s, "
-                                     f"{len(failures)} failure(s)")
-            for failure in failures:
-                self.reporter.write_line(failure)
+        summary = f"soak {self.name}: {self.tried} examples tried in {self.budget:.0f}s, {len(failures)} failure(s)"
+        if self.reporter is None or self.capture is None:  # a pytest-xdist worker: its warnings reach the summary
+            warnings.warn(summary, stacklevel=1)
+        else:
+            with self.capture.global_and_fixture_disabled():  # shown without -s
+                self.reporter.write_line("\n" + summary)
+                for failure in failures:
+                    self.reporter.write_line(failure)
         assert not failures, f"{len(failures)} failure(s) in {self.tried} examples; first:\n{failures[0]}"
 
 
