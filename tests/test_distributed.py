@@ -3,6 +3,7 @@ losses and final blocks of one process training eagerly on the whole batch; thei
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import torch
 from conftest import build, model_output
 from distributed_worker import STEPS, eval_ids, phases
-from train_distributed import TrainConfig, build_base, train
+from train_distributed import TrainConfig, build_base, train  # examples/: on sys.path by distributed_worker
 
 from miss_compile import MissConfig, apply_miss, read_adapter, save_adapter
 from miss_compile.distributed import load_adapter_sharded, shard_fsdp2, wrap_ddp
@@ -27,8 +28,16 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("distributed")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    # Own process group, so a timeout kills torchrun's workers too, not only torchrun.
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"torchrun ran past {TIMEOUT_S} s:\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    assert process.returncode == 0, f"torchrun failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
     return out
 
 
