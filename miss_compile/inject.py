@@ -216,17 +216,26 @@ def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None) -> 
                     f"layer {name!r}: adapter {adapter!r} block {tuple(block.shape)} holds NaN or Inf; "
                     "refusing to merge. Reload the adapter."
                 )
-    done: list[nn.Module] = []
+    # A failure part-way puts back the exact weights of the layers already merged (unmerging would
+    # round them); the copies are kept on the CPU until every layer is done.
+    done: list[tuple[nn.Module, torch.Tensor, list[str]]] = []
+    failing = ""
     try:
-        for layer in layers.values():
+        for layer_name, layer in layers.items():
+            failing = layer_name
+            weight = layer.base_layer.weight
+            done.append((layer, weight.detach().to("cpu", copy=True), list(layer.merged_adapters)))
             if isinstance(layer, MissLinear):
                 layer.merge(adapter_names)
             else:
                 layer.merge(safe_merge=True, adapter_names=adapter_names)
-            done.append(layer)
-    except BaseException:
-        for layer in done:
-            layer.unmerge()
+    except BaseException as error:
+        with torch.no_grad():
+            for layer, weight, merged in done:
+                layer.base_layer.weight.copy_(weight)
+                layer.merged_adapters[:] = merged
+        if isinstance(error, ValueError):
+            raise ValueError(f"layer {failing!r}: {error}; no layer was merged") from None
         raise
 
 

@@ -18,7 +18,7 @@ from small_models import TwoLinears
 from torch import nn
 
 from export import export_onnx
-from miss_compile import MissConfig, apply_miss, load_adapter, save_adapter
+from miss_compile import MissConfig, apply_miss, load_adapter, merge_adapters, save_adapter
 from miss_compile.peft_compat import named_miss_layers
 
 CONFIG = MissConfig(r=4, target_modules=["up", "down"])
@@ -181,6 +181,23 @@ def test_unknown_config_field_is_warned_and_loads(saved):
     with pytest.warns(UserWarning, match=r"ignoring fields unknown to PEFT's MissConfig: \['rank_pattern'\]"):
         load_adapter(model, saved)
     assert torch.equal(model.up.miss_block["default"], adapted().up.miss_block["default"])
+
+
+# --- merging: a failure part-way
+
+
+def test_merge_failing_part_way_restores_merged_layers_bit_for_bit():
+    """`up` merges, `down` overflows to Inf: `up` gets its exact weight back (unmerging would round it)."""
+    model = adapted()
+    with torch.no_grad():
+        model.down.base_layer.weight.fill_(3e38)
+        model.down.miss_block["default"].fill_(3e38)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"layer 'down': merging \['default'\] gives NaN or Inf in the weight \(8, 16\)"
+                                         r".*no layer was merged"):
+        merge_adapters(model)
+    assert_same_model(model, before)
+    assert not model.up.merged_adapters and not model.down.merged_adapters
 
 
 # --- saving: unwritable targets, failures mid-way
