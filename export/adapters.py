@@ -1,4 +1,5 @@
-"""`.onnx_adapter` files: a MiSS adapter as onnxruntime's AdapterFormat, named like the unmerged graph's blocks."""
+"""`.onnx_adapter` files: a MiSS adapter as onnxruntime's AdapterFormat, named like the unmerged graph's blocks;
+or every layer's adapter stack (`<module>.miss_stack`), for graphs exported with adapter_ids."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from torch import nn
 
 from miss_compile.checkpoint import read_adapter
 from miss_compile.peft_compat import named_miss_layers
+from miss_compile.stacked import stacked_layers
 
-__all__ = ["write_onnx_adapter", "adapter_parameters"]
+__all__ = ["write_onnx_adapter", "write_onnx_stack", "adapter_parameters", "stack_parameters"]
 
 _ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
                   onnx.TensorProto.DOUBLE: np.float64}
@@ -53,15 +55,36 @@ def write_onnx_adapter(
     (`<module>.miss_block.<adapter_name>`). With `model_path`, names, shapes and coverage are
     checked against that graph's overridable blocks and dtypes follow it (fp16 exports);
     without it the blocks are written as fp32."""
-    parameters = adapter_parameters(adapter, adapter_name)
+    return _write(adapter_parameters(adapter, adapter_name), path, model_path)
+
+
+def stack_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Graph input name -> stack [adapters, r, out], for every stacked layer of `model`."""
+    stacked = {id(layer) for layer in stacked_layers(model)}
+    layers = {name: layer for name, layer in named_miss_layers(model).items() if id(layer) in stacked}
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no adapter stacks; call miss_compile.stack_adapters(model) first")
+    return {f"{name}.miss_stack": layer.miss_stack for name, layer in layers.items()}
+
+
+def write_onnx_stack(model: nn.Module, path: str | os.PathLike, model_path: str | os.PathLike | None = None) -> Path:
+    """Write every layer's adapter stack as an `.onnx_adapter` for a graph exported with adapter_ids.
+    The graph's stacks take any number of adapters: adding one is a new stack file, not a new export.
+    With `model_path`, names and the (r, out) of each stack are checked against the graph."""
+    return _write(stack_parameters(model), path, model_path, stacks=True)
+
+
+def _write(parameters: dict[str, torch.Tensor], path: str | os.PathLike, model_path: str | os.PathLike | None,
+           stacks: bool = False) -> Path:
     if model_path is None:
         expected = {name: (tuple(block.shape), np.float32) for name, block in parameters.items()}
     else:
         expected = _graph_blocks(Path(model_path))
     problems = [f"missing block for graph input {name!r}" for name in sorted(set(expected) - set(parameters))]
     problems += [f"{name!r} is not an overridable block of the graph" for name in sorted(set(parameters) - set(expected))]
+    skip = 1 if stacks else 0  # a stack's first dim (how many adapters) is free
     for name in sorted(set(expected) & set(parameters)):
-        if tuple(parameters[name].shape) != expected[name][0]:
+        if tuple(parameters[name].shape)[skip:] != expected[name][0][skip:]:
             problems.append(f"{name!r}: shape {tuple(parameters[name].shape)}, the graph expects {expected[name][0]}")
     if problems:
         raise ValueError(f"adapter does not fit {model_path}:\n  " + "\n  ".join(problems))

@@ -2,9 +2,10 @@
 
 After export, nodes carry the FX node they came from (`namespace` metadata). Each group from a
 miss op becomes a FunctionProto in domain "miss", named per variant (MissLinear for balance/mini,
-BatLinear for bat) with the layer as its overload, and the graph calls it once per adapted
-Linear. Small integer constants used only by the group move inside as Constant nodes. A group
-whose nodes are interleaved with outside consumers is left inline (never reordered).
+BatLinear for bat, StackedMissLinear for adapter stacks) with the layer as its overload, and the
+graph calls it once per adapted Linear. Small integer constants used only by the group move
+inside as Constant nodes. A group whose nodes are interleaved with outside consumers is left
+inline (never reordered).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from onnx import helper
 __all__ = ["group_into_functions", "DOMAIN"]
 
 DOMAIN = "miss"
-_FUNCTION_NAMES = {"miss.linear.default": "MissLinear", "miss.bat_linear.default": "BatLinear"}
+_FUNCTION_NAMES = {"miss.linear.default": "MissLinear", "miss.bat_linear.default": "BatLinear",
+                   "miss.stacked_linear.default": "StackedMissLinear"}
 _SMALL_CONSTANT = 64  # elements
 
 

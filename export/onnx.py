@@ -4,6 +4,10 @@ merged:   adapters folded into W and the layers unwrapped: the base model's grap
 unmerged: each adapted Linear keeps W and its MiSS block apart; blocks are overridable
           initializers (graph inputs with defaults) named `<module>.miss_block.<adapter>`, so an
           `.onnx_adapter` file or a per-run feed swaps the adapter without re-exporting.
+stacked:  kwargs hold `adapter_ids` (a model after miss_compile.stack_adapters): `adapter_ids` is a
+          graph input [batch], and each layer's stack an overridable initializer
+          `<module>.miss_stack` [adapters, r, out] whose first dim is symbolic, so a stack with
+          more adapters (export.write_onnx_stack) runs on the same graph.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import onnx
+import onnx_ir as ir
 import torch
 from torch import nn
 
@@ -30,11 +36,12 @@ from miss_compile.peft_compat import from_peft, named_miss_layers
 from .functions import group_into_functions
 from .translation import OPSET, TRANSLATIONS
 
-__all__ = ["export_onnx", "ExportResult", "BLOCK_MARKER", "IR_VERSION"]
+__all__ = ["export_onnx", "ExportResult", "BLOCK_MARKER", "STACK_SUFFIX", "IR_VERSION"]
 
 logger = logging.getLogger(__name__)
 
 BLOCK_MARKER = ".miss_block."
+STACK_SUFFIX = ".miss_stack"
 IR_VERSION = 10  # what torch's exporter writes; onnxruntime 1.31 rejects onnx 1.23's default (14)
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
@@ -100,12 +107,44 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, An
 
 
 def _expose_blocks(program: Any) -> list[str]:
-    """Make every MiSS block an overridable initializer (graph input with a default)."""
+    """Make every MiSS block and stack an overridable initializer (graph input with a default);
+    a stack's first dim (how many adapters) becomes symbolic."""
     graph = program.model.graph
-    names = [name for name in graph.initializers if BLOCK_MARKER in name]
+    names = [name for name in graph.initializers if BLOCK_MARKER in name or name.endswith(STACK_SUFFIX)]
     for name in names:
-        graph.inputs.append(graph.initializers[name])
+        value = graph.initializers[name]
+        if name.endswith(STACK_SUFFIX):
+            value.shape = ir.Shape(["adapters", *value.shape[1:]])
+        graph.inputs.append(value)
     return names
+
+
+def _named_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Every input by name, `**kwargs` of the model's forward spread out (HF models take them so)."""
+    parameters = inspect.signature(model.forward).parameters
+    inputs: dict[str, Any] = {}
+    for name, value in inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments.items():
+        if parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            inputs.update(value)
+        else:
+            inputs[name] = value
+    return inputs
+
+
+def _take_adapter_ids(prepared: nn.Module, inputs: dict[str, Any]) -> None:
+    """Give `prepared` (a copy) a forward whose signature names every input, adapter_ids included,
+    so torch.export makes adapter_ids a graph input; the stacking pre-hook pops it before forward."""
+    if not getattr(prepared, "_miss_stack_hook", False):
+        raise ValueError(f"adapter_ids given, but {type(prepared).__name__} has no adapter stacks; "
+                         "call miss_compile.stack_adapters(model) before export_onnx")
+    model_forward = type(prepared).forward
+
+    def forward(**named: Any) -> Any:
+        return model_forward(prepared, **named)
+
+    forward.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in inputs])
+    prepared.forward = forward
 
 
 def _check_writable(path: Path) -> None:
@@ -167,23 +206,33 @@ def export_onnx(
     kwargs = dict(kwargs or {})
     path = Path(path)
     _check_writable(path)
+    stacked = "adapter_ids" in kwargs
+    if stacked and merged:
+        raise ValueError("adapter_ids given with merged=True; each batch row has its own adapter, so a stacked "
+                         "export is unmerged: pass merged=False")
     prepared = prepare(model, merged, dtype)
+    if stacked:
+        kwargs, args = _named_inputs(prepared, args, kwargs), ()
+        _take_adapter_ids(prepared, kwargs)
     args, kwargs = _cast_inputs(args, dtype), _cast_inputs(kwargs, dtype)
     size = sum(p.numel() * p.element_size() for p in prepared.parameters())
     if external_data is None:
         external_data = size > 2**31 - 2**26  # protobuf's 2 GB, with headroom for the graph
-    program = torch.onnx.export(
-        prepared,
-        args,
-        verbose=False,
-        kwargs=kwargs,
-        dynamo=True,
-        opset_version=opset,
-        dynamic_shapes=_dynamic_shapes(prepared, args, kwargs) if dynamic else None,
-        custom_translation_table=TRANSLATIONS,
-        optimize=False,  # blocks become graph inputs first, so constant folding keeps them apart
-        external_data=external_data,
-    )
+    with warnings.catch_warnings():
+        # The stacking hook hands adapter_ids to the layers as attributes: by design, not a lost buffer.
+        warnings.filterwarnings("ignore", message=r"The tensor attributes .*adapter_ids")
+        program = torch.onnx.export(
+            prepared,
+            args,
+            verbose=False,
+            kwargs=kwargs,
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=_dynamic_shapes(prepared, args, kwargs) if dynamic else None,
+            custom_translation_table=TRANSLATIONS,
+            optimize=False,  # blocks become graph inputs first, so constant folding keeps them apart
+            external_data=external_data,
+        )
     block_inputs = [] if merged else _expose_blocks(program)
     with _quiet("onnx_ir.passes.common.initializer_deduplication"):  # blocks stay apart by design
         program.optimize()

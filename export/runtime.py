@@ -46,6 +46,8 @@ class MissSession:
         self.io_binding = io_binding
         self.device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.input_names = [i.name for i in session.get_inputs()]
+        # Overridable initializers (MiSS blocks and stacks): fed per run like inputs, or by an adapter file.
+        self.overridable_names = [i.name for i in session.get_overridable_initializers()]
         self.output_names = [o.name for o in session.get_outputs()]
         self._adapters: dict[str, ort.LoraAdapter] = {}
 
@@ -66,9 +68,10 @@ class MissSession:
         inputs: Mapping[str, torch.Tensor],
         adapter: str | os.PathLike | ort.LoraAdapter | None = None,
     ) -> list[torch.Tensor]:
-        unknown = sorted(set(inputs) - set(self.input_names))
+        unknown = sorted(set(inputs) - set(self.input_names) - set(self.overridable_names))
         if unknown:
-            raise ValueError(f"unknown inputs {unknown}; the graph takes {self.input_names}")
+            raise ValueError(f"unknown inputs {unknown}; the graph takes {self.input_names} "
+                             f"and {len(self.overridable_names)} overridable blocks")
         options = ort.RunOptions()
         if adapter is not None:
             options.add_active_adapter(self._adapter(adapter))

@@ -94,7 +94,24 @@ def bat_linear(x: Value, weight: Value, bias: Value | None, blocks: Sequence[Val
     return _cast(result, x.dtype)
 
 
+def stacked_linear(x: Value, adapter_ids: Value, weight: Value, bias: Value | None, stack: Value) -> Value:
+    """y[b] = x[b] @ W.T + bias + S(x[b]) @ stack[ids[b]]: Gather the rows' blocks, one batched MatMul.
+    Only Gather reads the stack's first dim, so a stack with more adapters runs on the same graph."""
+    _, r, out_features = stack.shape
+    result = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
+    if bias is not None:
+        result = op.Add(result, bias)
+    dtype = _promote(x.dtype, stack.dtype)
+    chunk_sums = _chunk_sum(_cast(x, stack.dtype), r)  # [batch, ..., r]
+    batch = op.Slice(op.Shape(x), _ints([0]), _ints([1]))
+    rows = op.Reshape(chunk_sums, op.Concat(batch, _ints([-1, r]), axis=0))  # [batch, tokens, r]
+    product = op.MatMul(rows, op.Gather(stack, adapter_ids, axis=0))  # [batch, tokens, out]
+    product = op.Reshape(product, op.Shape(result))
+    return _cast(op.Add(_cast(result, dtype), _cast(product, dtype)), x.dtype)
+
+
 TRANSLATIONS = {
     torch.ops.miss.linear.default: miss_linear,
     torch.ops.miss.bat_linear.default: bat_linear,
+    torch.ops.miss.stacked_linear.default: stacked_linear,
 }

@@ -22,6 +22,7 @@ from .inject import (
 )
 from .layer import MissLinear
 from .passes import PassReport
+from .stacked import NO_ADAPTER, adapter_ids_for, stack_adapters
 
 __all__ = [
     "MissConfig",
@@ -45,4 +46,7 @@ __all__ = [
     "gather_adapter",
     "save_adapter_distributed",
     "load_adapter_sharded",
+    "stack_adapters",
+    "adapter_ids_for",
+    "NO_ADAPTER",
 ]

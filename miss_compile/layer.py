@@ -48,6 +48,11 @@ class MissLinear(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
+        # Many adapters in one batch (miss_compile.stacked): blocks stacked [n + 1, r, out], the last
+        # one zeros ("no adapter"), and the ids of the current call, one per batch row.
+        self.register_buffer("miss_stack", None, persistent=False)
+        self.miss_stack_names: list[str] = []
+        self.adapter_ids: torch.Tensor | None = None
         self.train(base_layer.training)
 
     # --- adapters
@@ -139,6 +144,8 @@ class MissLinear(nn.Module):
     # --- forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.adapter_ids is not None and not self.disable_adapters:
+            return self._stacked_forward(x)
         # Merged adapters are already in the weight; they are always active (set_adapter unmerges).
         names = [] if self.disable_adapters else [n for n in self.active_adapters if n not in self.merged_adapters]
         if not names:
@@ -155,6 +162,17 @@ class MissLinear(nn.Module):
         # bat mixed with balance/mini on one layer: the reference fold (no single op expresses it).
         terms = [(block, self.miss_variant[name]) for name, block in zip(names, blocks, strict=True)]
         return reference.forward(x, weight, bias, terms, [self.miss_dropout[name] for name in names])
+
+    def _stacked_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.miss_stack is None:
+            raise ValueError(f"adapter_ids given, but this layer {self.extra_repr()} has no adapter stack; "
+                             "call miss_compile.stack_adapters(model) first")
+        if self.merged:
+            raise ValueError(f"adapter_ids given while {self.merged_adapters} are merged into the weight; unmerge first")
+        if self.training and any(self.miss_dropout[name].training and isinstance(self.miss_dropout[name], nn.Dropout)
+                                 for name in self.miss_stack_names if name in self.miss_dropout):
+            raise ValueError("adapter stacks are for inference and apply no dropout; call model.eval() first")
+        return ops.stacked_linear(x, self.adapter_ids, self.base_weight(), self.base_layer.bias, self.miss_stack)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}: {self.miss_variant[n]} r={self.miss_r[n]}" for n in self.miss_block)

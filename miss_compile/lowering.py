@@ -1,11 +1,17 @@
 """How Inductor lowers the MiSS ops: decompositions into ops it fuses well.
 
-miss.linear    the chunk sums (pad, cast and dropout fused into one reduction over x), their
-               small GEMMs, and then, when dtypes agree, addmm(bias + adapter, x, W.T): the
+miss.linear    with many tokens, when every adapter reads x itself in x's dtype: one GEMM on
+               W + dW (the fold is one pass over W, cheaper than S(x) @ D once
+               tokens * r >= 4 * in). The op's backward folds the same way, so a training step
+               costs the base GEMMs plus S(x).T @ grad per block.
+               Otherwise: the chunk sums (pad, cast and dropout fused into one reduction over x),
+               their small GEMMs, and then, when dtypes agree, addmm(bias + adapter, x, W.T): the
                adapter product enters the base GEMM as its input instead of a separate add.
                Mixed dtypes (bf16 model, fp32 adapters) keep PEFT's rounding: base in x's dtype,
                adapter added in fp32, cast back.
 mini           S(x) @ D is [tokens, mini_r]; it is tiled to out after the GEMM, not before.
+miss.stacked_linear  the chunk sums of every row, the rows' blocks gathered by id from the stack, one
+               batched GEMM [batch, tokens, r] x [batch, r, out], then addmm as for miss.linear.
 miss.bat_linear the folded weight, then one linear; with freezing and frozen blocks Inductor
                folds it once at compile time.
 The backward formulas are the ops' own (ops.py); these only shape the forward.
@@ -19,7 +25,7 @@ from torch._inductor.decomposition import register_decomposition
 
 from . import ops, reference
 
-__all__ = ["miss_linear_decomposition", "bat_linear_decomposition"]
+__all__ = ["miss_linear_decomposition", "bat_linear_decomposition", "stacked_linear_decomposition"]
 
 
 def _adapter_product(adapter_input: torch.Tensor, block: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -37,16 +43,53 @@ def miss_linear_decomposition(
     bias: torch.Tensor | None,
     blocks: list[torch.Tensor],
 ) -> torch.Tensor:
-    out_features, in_features = weight.shape
+    out_features = weight.shape[0]
+    if all(ops.reads_x(x, adapter_inputs, weight, blocks)) and _folding_is_cheaper(x, weight, blocks):
+        variants = [ops.block_variant(block, out_features) for block in blocks]
+        return F.linear(x, reference.fold_weight(weight, blocks, variants), bias)
     adapter = None
     for adapter_input, block in zip(adapter_inputs, blocks, strict=True):
         product = _adapter_product(adapter_input, block, out_features)
         adapter = product if adapter is None else adapter + product
+    return _linear_plus(x, weight, bias, adapter)
+
+
+def _folding_is_cheaper(x: torch.Tensor, weight: torch.Tensor, blocks: list[torch.Tensor]) -> bool:
+    """W + dW costs one pass over W (in * out); S(x) @ D costs tokens * r * out multiply-adds.
+
+    Many tokens (prefill, training) fold; few (decode) keep the small GEMM. Dynamic sizes are
+    judged by their hint, without a guard: a wrong guess costs time, never correctness.
+    """
+    tokens = _hint(x.numel() // x.shape[-1])
+    rank = sum(block.shape[0] for block in blocks)
+    return tokens is not None and tokens * rank >= 4 * weight.shape[1]
+
+
+def _hint(size: int | torch.SymInt) -> int | None:
+    if isinstance(size, torch.SymInt):
+        return size.node.hint
+    return int(size)
+
+
+def _linear_plus(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, adapter: torch.Tensor) -> torch.Tensor:
+    """x @ W.T + b + adapter, the adapter fed into the base GEMM when dtypes agree."""
+    out_features, in_features = weight.shape
     if adapter.dtype != x.dtype or weight.dtype != x.dtype:
         return (F.linear(x, weight, bias) + adapter).to(x.dtype)
     accumulate = adapter if bias is None else adapter + bias
     out = torch.addmm(accumulate.reshape(-1, out_features), x.reshape(-1, in_features), weight.t())
     return out.reshape(*x.shape[:-1], out_features)
+
+
+@register_decomposition(torch.ops.miss.stacked_linear.default)
+def stacked_linear_decomposition(
+    x: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stack: torch.Tensor,
+) -> torch.Tensor:
+    return _linear_plus(x, weight, bias, ops.stacked_product(x, adapter_ids, stack))
 
 
 @register_decomposition(torch.ops.miss.bat_linear.default)

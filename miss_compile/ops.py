@@ -1,7 +1,9 @@
 """The MiSS custom ops (`torch.ops.miss.*`): eager kernels, fake kernels and autograd, side by side.
 
-miss::linear      y = x @ W.T + b + sum_k S(a_k) @ E(D_k)    balance and mini (E repeats a mini block)
-miss::bat_linear  y = x @ fold(W, D_1, ..., D_n).T + b        bat, adapters folded in order
+miss::linear          y = x @ W.T + b + sum_k S(a_k) @ E(D_k)     balance and mini (E repeats a mini block)
+miss::bat_linear      y = x @ fold(W, D_1, ..., D_n).T + b         bat, adapters folded in order
+miss::stacked_linear  y[b] = x[b] @ W.T + b + S(x[b]) @ stack[id_b]  one balance/mini block per batch row,
+                      inference only (gradient for x, none for the stack)
 
 `a_k` is the adapter input of adapter k: x cast to D_k's dtype, then dropout (both outside the op,
 so the op stays deterministic and dropout's own autograd keeps its mask). It may be x itself, or x
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 
 from . import reference
 
-__all__ = ["miss_linear", "bat_linear"]
+__all__ = ["miss_linear", "bat_linear", "stacked_linear"]
 
 
 def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -50,9 +52,22 @@ def _check_chunk_blocks(x: torch.Tensor, adapter_inputs: list[torch.Tensor], wei
         )
 
 
+def reads_x(x: torch.Tensor, adapter_inputs: list[torch.Tensor], weight: torch.Tensor,
+            blocks: list[torch.Tensor]) -> list[bool]:
+    """Which adapters read x itself (no dropout, no cast) with x's dtype everywhere.
+
+    For those, x @ W.T + S(x) @ D is x @ (W + dW).T, and the gradient they send to x is folded
+    into the base one: grad @ (W + dW), one GEMM instead of two plus a tile.
+    """
+    return [a is x and block.dtype == weight.dtype == x.dtype for a, block in zip(adapter_inputs, blocks, strict=True)]
+
+
+def block_variant(block: torch.Tensor, out_features: int) -> str:
+    return "balance" if block.shape[1] == out_features else "mini"
+
+
 def _expanded(block: torch.Tensor, out_features: int) -> torch.Tensor:
-    variant = "balance" if block.shape[1] == out_features else "mini"
-    return reference.expand_block(block, variant, out_features)
+    return reference.expand_block(block, block_variant(block, out_features), out_features)
 
 
 # --- miss::linear (balance, mini)
@@ -95,6 +110,7 @@ def _linear_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None
     ]
     ctx.adapter_widths = [a.shape[-1] for a in adapter_inputs]
     ctx.adapter_dtypes = [a.dtype for a in adapter_inputs]
+    ctx.reads_x = reads_x(x, adapter_inputs, weight, blocks)
     ctx.x_dtype = x.dtype
     ctx.has_bias = bias is not None
     # x itself is saved only if the base weight trains (not the MiSS case).
@@ -120,18 +136,25 @@ def _linear_backward(ctx: Any, grad: torch.Tensor) -> tuple:
     saved_x, weight, *rest = ctx.saved_tensors
     blocks, sums = rest[: ctx.n_blocks], iter(rest[ctx.n_blocks :])
     out_features = weight.shape[0]
-    grad_x = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        folded = [block for block, reads in zip(blocks, ctx.reads_x, strict=True) if reads]
+        grad_weight_for_x = reference.fold_weight(weight, folded, [block_variant(b, out_features) for b in folded])
+        grad_x = grad @ grad_weight_for_x.to(grad.dtype)
     grad_weight = grad_bias = None
     if saved_x is not None:
         grad_weight = (grad.reshape(-1, out_features).t() @ saved_x.reshape(-1, saved_x.shape[-1])).to(weight.dtype)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         grad_bias = grad.reshape(-1, out_features).sum(0)
     grad_inputs, grad_blocks = [], []
-    for block, width, dtype, has_sum in zip(blocks, ctx.adapter_widths, ctx.adapter_dtypes, ctx.block_has_sum,
-                                            strict=True):
+    for block, width, dtype, has_sum, folded_into_x in zip(blocks, ctx.adapter_widths, ctx.adapter_dtypes,
+                                                           ctx.block_has_sum, ctx.reads_x, strict=True):
         expanded = _expanded(block, out_features)
         grad_adapter = grad.to(torch.promote_types(grad.dtype, block.dtype))
-        grad_inputs.append(_tile(grad_adapter @ expanded.to(grad_adapter.dtype).t(), width).to(dtype))
+        if folded_into_x and ctx.needs_input_grad[0]:
+            grad_inputs.append(None)  # already in grad_x (the input is x itself)
+        else:
+            grad_inputs.append(_tile(grad_adapter @ expanded.to(grad_adapter.dtype).t(), width).to(dtype))
         if has_sum:
             chunk_sum = next(sums)
             grad_expanded = chunk_sum.reshape(-1, block.shape[0]).t().to(grad_adapter.dtype) @ grad_adapter.reshape(
@@ -233,3 +256,86 @@ def _bat_backward(ctx: Any, grad: torch.Tensor) -> tuple:
 
 
 bat_linear.register_autograd(_bat_backward, setup_context=_bat_setup_context)
+
+
+# --- miss::stacked_linear (many balance/mini adapters, one per batch row)
+
+
+def _check_stacked(x: torch.Tensor, adapter_ids: torch.Tensor, weight: torch.Tensor, stack: torch.Tensor) -> None:
+    ids_shape, stack_shape = tuple(adapter_ids.shape), tuple(stack.shape)
+    torch._check(x.dim() >= 2, lambda: f"miss.stacked_linear: x must be [batch, ..., in], got {tuple(x.shape)}")
+    torch._check(
+        adapter_ids.dim() == 1 and adapter_ids.shape[0] == x.shape[0],
+        lambda: f"miss.stacked_linear: adapter_ids {ids_shape} must hold one id per batch row of x {tuple(x.shape)}",
+    )
+    torch._check(not adapter_ids.is_floating_point(), lambda: "miss.stacked_linear: adapter_ids must be integers")
+    torch._check(
+        stack.dim() == 3 and stack.shape[2] == weight.shape[0],
+        lambda: f"miss.stacked_linear: stack must be [adapters, r, out={weight.shape[0]}], got {stack_shape}",
+    )
+
+
+def stacked_product(x: torch.Tensor, adapter_ids: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
+    """S(x in the stack's dtype) @ stack[id of the row], row by row: [batch, ..., out] in the stack's dtype."""
+    r, out_features = stack.shape[1:]
+    chunk_sums = reference.chunk_sum(x.to(stack.dtype), r).reshape(x.shape[0], -1, r)  # [batch, tokens, r]
+    return torch.bmm(chunk_sums, stack[adapter_ids]).reshape(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("miss::stacked_linear", mutates_args=())
+def stacked_linear(
+    x: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stack: torch.Tensor,
+) -> torch.Tensor:
+    """Row b of x uses block stack[adapter_ids[b]]; negative ids count from the end, as in indexing
+    (the stacks built by miss_compile.stacked keep a zero block last: id -1 is "no adapter")."""
+    _check_linear(x, weight, bias)
+    _check_stacked(x, adapter_ids, weight, stack)
+    n_adapters = stack.shape[0]
+    if adapter_ids.numel() and not (adapter_ids.min() >= -n_adapters and adapter_ids.max() < n_adapters):
+        raise IndexError(
+            f"miss.stacked_linear: adapter_ids {adapter_ids.tolist()} out of range for a stack of {n_adapters} blocks"
+        )
+    return (F.linear(x, weight, bias) + stacked_product(x, adapter_ids, stack)).to(x.dtype)
+
+
+@stacked_linear.register_fake
+def _(
+    x: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stack: torch.Tensor,
+) -> torch.Tensor:
+    _check_linear(x, weight, bias)
+    _check_stacked(x, adapter_ids, weight, stack)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _stacked_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    x, adapter_ids, weight, bias, stack = inputs
+    trains = [name for name, t in (("weight", weight), ("bias", bias), ("stack", stack))
+              if t is not None and t.requires_grad]
+    if trains:
+        raise RuntimeError(
+            f"miss.stacked_linear: {trains} require grad, but adapter stacks are for inference and have no "
+            "gradient; train each adapter on its own layer (set_active_adapters) and stack it afterwards"
+        )
+    ctx.save_for_backward(adapter_ids, weight, stack)
+    ctx.in_features = x.shape[-1]
+    ctx.x_dtype = x.dtype
+
+
+def _stacked_backward(ctx: Any, grad: torch.Tensor) -> tuple:
+    """Gradient for x only (an upstream layer may train): grad @ W + tile(grad @ stack[id].T)."""
+    adapter_ids, weight, stack = ctx.saved_tensors
+    grad_adapter = grad.to(torch.promote_types(grad.dtype, stack.dtype)).reshape(grad.shape[0], -1, stack.shape[2])
+    grad_sums = torch.bmm(grad_adapter, stack[adapter_ids].to(grad_adapter.dtype).transpose(1, 2))
+    grad_x = grad @ weight.to(grad.dtype) + _tile(grad_sums, ctx.in_features).reshape(*grad.shape[:-1], -1).to(grad.dtype)
+    return grad_x.to(ctx.x_dtype), None, None, None, None
+
+
+stacked_linear.register_autograd(_stacked_backward, setup_context=_stacked_setup_context)

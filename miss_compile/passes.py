@@ -7,7 +7,8 @@ Matched by data flow and shapes, never by parameter names:
                         -> miss.linear(x, [chain(x), ...], W, b, [D, ...])
   bat (PEFT):           linear(x, W + delta(W, D) [+ ...], b) with delta the blockwise
                         reshape / permute / W_pq @ D_p + D_p        -> miss.bat_linear(x, W, b, [D, ...])
-  our layers already call miss ops; they are counted, not rewritten.
+  our layers already call miss ops; they are counted, not rewritten (merge=True folds them into W,
+  except miss.stacked_linear: one block per batch row has no single merged weight).
 Anything that looks like an adapter branch but fails a check is left untouched and reported.
 """
 
@@ -26,7 +27,7 @@ from . import ops, reference  # noqa: F401  (ops registers torch.ops.miss)
 
 __all__ = ["LayerRewrite", "PassReport", "rewrite_miss_linears"]
 
-MISS_OPS = (torch.ops.miss.linear.default, torch.ops.miss.bat_linear.default)
+MISS_OPS = (torch.ops.miss.linear.default, torch.ops.miss.bat_linear.default, torch.ops.miss.stacked_linear.default)
 _LINEAR = (F.linear, torch._C._nn.linear)
 _MATMUL = (operator.matmul, torch.matmul)
 _ADD = (operator.add, torch.add)
@@ -35,7 +36,7 @@ _ADD = (operator.add, torch.add)
 @dataclass
 class LayerRewrite:
     layer: str
-    variant: str  # "balance/mini", "bat"
+    variant: str  # "balance/mini", "bat", "stacked"
     adapters: int
     source: str  # "peft pattern" or "miss op"
     merged: bool = False
@@ -337,6 +338,9 @@ def _merged_linear(graph: fx.Graph, last: fx.Node, x: fx.Node, weight: fx.Node, 
 
 def _fold_if_asked(graph: fx.Graph, node: fx.Node, merge: bool) -> LayerRewrite:
     """A miss op already in the graph (our layers): counted, and folded into W when merging."""
+    if node.target is torch.ops.miss.stacked_linear.default:
+        n_blocks = _val(node.args[4]).shape[0]
+        return LayerRewrite(layer_name(node), "stacked", n_blocks, "miss op")
     if node.target is torch.ops.miss.bat_linear.default:
         x, weight, bias, blocks = node.args
         adapter_inputs, variants, kind = [], ["bat"] * len(blocks), "bat"

@@ -1,0 +1,154 @@
+"""Many adapters in one batch: every layer's blocks stacked, one adapter id per batch row.
+
+    model = stack_adapters(model)                       # ours in place; a PEFT model as a converted copy
+    logits = model(input_ids, adapter_names=["a", "b", None, "a"]).logits   # None: no adapter
+    logits = model(input_ids, adapter_ids=torch.tensor([0, 1, NO_ADAPTER, 0])).logits
+
+Each MissLinear holds `miss_stack` [n + 1, R, out]: block k of the model's k-th stacked adapter in
+its balance form (mini's [r, mini_r] repeated along out), a zero block for an adapter this layer
+lacks, and a zero block last, so id -1 (NO_ADAPTER) wraps onto it in torch and in ONNX's Gather.
+
+Which adapters can share a stack, and why (S_r is the chunk sum of DESIGN.md with chunk r):
+- balance and mini, any mix: mini's block repeated along out IS a balance block (exact).
+- ranks r_1..r_k: the stack rank R is lcm(r_1..r_k) (the largest rank when it is a multiple of the
+  others). A rank-r block becomes R rows by repeating it, D_R[j] = D_r[j % r]: exact for every
+  in_features, since (i % R) % r = i % r when r | R, and the zero padding of x adds nothing.
+  Zero rows are NOT exact: [D_r; 0] gives dW[o, i] = 0 wherever i % R >= r, where the adapter
+  has D_r[i % r, o]. So ranks are never zero-padded, and no rank R other than a common multiple
+  is allowed.
+- bat: refused. Its update W_pq @ D_p + D_p depends on W, so a row's output needs its own
+  merged weight; there is no chunk-sum form to gather.
+- blocks of different dtypes: refused (a shared stack would change one adapter's rounding).
+The stack is a snapshot: call stack_adapters again after changing a block.
+
+Under torch.compile the name-to-id lookup runs eagerly (a graph break ahead of the model), so
+neither the names nor the mix of a batch is guarded on; ids reach the graph as a tensor read from
+the layers. Setting ids on the layers makes one model unsafe to call from several threads at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import reference
+from .layer import MissLinear
+from .peft_compat import from_peft, named_miss_layers, peft_tuner
+
+__all__ = ["NO_ADAPTER", "stack_adapters", "stack_blocks", "adapter_ids_for", "stacked_layers"]
+
+logger = logging.getLogger(__name__)
+
+NO_ADAPTER = -1
+
+
+def stack_blocks(layer_name: str, out_features: int, blocks: Sequence[tuple[str, torch.Tensor | None, str]],
+                 rank: int | None = None) -> torch.Tensor:
+    """[n + 1, R, out] from (adapter, block or None, variant) triples; the last block is zeros."""
+    present = [(name, block, variant) for name, block, variant in blocks if block is not None]
+    if not present:
+        raise ValueError(f"layer {layer_name!r}: none of the adapters {[b[0] for b in blocks]} is on it")
+    bat = [name for name, _, variant in present if variant == "bat"]
+    if bat:
+        raise ValueError(
+            f"layer {layer_name!r}: adapter(s) {bat} are bat; bat's update depends on the base weight, so a "
+            "batch row would need its own merged weight. Stack balance/mini adapters only, and serve bat "
+            "adapters one at a time (set_active_adapters, or a merged model per adapter)"
+        )
+    dtypes = {name: block.dtype for name, block, _ in present}
+    if len(set(dtypes.values())) > 1:
+        raise ValueError(f"layer {layer_name!r}: blocks of different dtypes {dtypes}; cast them to one dtype first")
+    ranks = {name: block.shape[0] for name, block, _ in present}
+    common = math.lcm(*ranks.values())
+    rank = common if rank is None else rank
+    uneven = {name: r for name, r in ranks.items() if rank % r}
+    if uneven:
+        raise ValueError(
+            f"layer {layer_name!r}: stack rank {rank} is not a multiple of the ranks {uneven}; a rank-r block "
+            f"is exact at rank R only when r divides R (zero-padded rows are not). Use rank={common} "
+            "(the least common multiple), or stack these adapters separately"
+        )
+    if rank > max(ranks.values()):
+        logger.info("layer %r: ranks %s stacked at rank %d (their least common multiple)", layer_name, ranks, rank)
+    dtype, device = present[0][1].dtype, present[0][1].device
+    stack = torch.zeros(len(blocks) + 1, rank, out_features, dtype=dtype, device=device)
+    for index, (_, block, variant) in enumerate(blocks):
+        if block is not None:
+            expanded = reference.expand_block(block.detach(), variant, out_features)
+            stack[index] = expanded.repeat(rank // block.shape[0], 1)  # D_R[j] = D_r[j % r]
+    return stack
+
+
+def stacked_layers(model: nn.Module) -> list[MissLinear]:
+    return [layer for layer in named_miss_layers(model).values()
+            if isinstance(layer, MissLinear) and layer.miss_stack is not None]
+
+
+def stack_adapters(model: nn.Module, adapter_names: Sequence[str] | None = None, rank: int | None = None) -> nn.Module:
+    """Stack `adapter_names` (default: every adapter) on every MiSS layer, ids in that order, and
+    let `model(..., adapter_names=[...])` / `model(..., adapter_ids=...)` pick one per batch row.
+
+    Our models change in place and are returned; a PEFT MiSS model is converted to our layers
+    (a copy, from_peft) and the copy is returned. `rank` forces the stack rank R of every layer
+    (default: the lcm of a layer's ranks). Nothing is changed when a layer refuses.
+    """
+    if peft_tuner(model) is not None:
+        model = from_peft(model)
+    layers = {name: layer for name, layer in named_miss_layers(model).items() if isinstance(layer, MissLinear)}
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MiSS layers; add adapters with apply_miss or load_adapter")
+    known = list(dict.fromkeys(name for layer in layers.values() for name in layer.miss_block))
+    names = known if adapter_names is None else list(adapter_names)
+    unknown = [name for name in names if name not in known]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(f"cannot stack {names}: unknown or repeated names {unknown or names}; the model has {known}")
+    stacks = {}
+    for layer_name, layer in layers.items():
+        if layer.merged:
+            raise ValueError(f"layer {layer_name!r} has merged adapters {layer.merged_adapters}; unmerge before stacking")
+        triples = [(name, layer.miss_block[name] if name in layer.miss_block else None, layer.miss_variant.get(name, ""))
+                   for name in names]
+        stacks[layer_name] = stack_blocks(layer_name, layer.out_features, triples, rank)
+    for layer_name, layer in layers.items():
+        layer.miss_stack = stacks[layer_name]
+        layer.miss_stack_names = names
+        layer.adapter_ids = None
+    model.miss_stack_names = names
+    if not getattr(model, "_miss_stack_hook", False):
+        model.register_forward_pre_hook(_select_adapters, with_kwargs=True)
+        model._miss_stack_hook = True
+    logger.info("stacked adapters %s on %d layers", names, len(layers))
+    return model
+
+
+def adapter_ids_for(model: nn.Module, adapter_names: Sequence[str | None], device: Any = None) -> torch.Tensor:
+    """The ids of `adapter_names` in `model`'s stack (None -> NO_ADAPTER), as an int64 tensor."""
+    stacked = getattr(model, "miss_stack_names", None)
+    if stacked is None:
+        raise ValueError(f"{type(model).__name__} has no adapter stacks; call miss_compile.stack_adapters(model) first")
+    index = {name: i for i, name in enumerate(stacked)}
+    unknown = sorted({name for name in adapter_names if name is not None and name not in index})
+    if unknown:
+        raise ValueError(f"adapter_names holds {unknown}, not in the stack {stacked}; re-stack with them "
+                         "(stack_adapters) or use None for no adapter")
+    ids = [NO_ADAPTER if name is None else index[name] for name in adapter_names]
+    return torch.tensor(ids, dtype=torch.int64, device=device)
+
+
+@torch.compiler.disable
+def _select_adapters(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook: pops adapter_names / adapter_ids and sets the ids on every stacked layer."""
+    names, ids = kwargs.pop("adapter_names", None), kwargs.pop("adapter_ids", None)
+    if names is not None and ids is not None:
+        raise ValueError("pass adapter_names or adapter_ids, not both")
+    layers = stacked_layers(model)
+    if names is not None:
+        ids = adapter_ids_for(model, names, device=layers[0].miss_stack.device)
+    for layer in layers:
+        layer.adapter_ids = ids
+    return args, kwargs
