@@ -57,6 +57,7 @@ class TrainConfig:
     save_every: int = 0
     resume: Path | None = None
     resume_sharded: bool = False  # load the resumed adapter into the wrapped model, not before wrapping
+    dtype: str = "float32"     # the base model's; blocks stay float32 (PEFT's default)
 
 
 def build_base(seed: int = 0) -> nn.Module:
@@ -67,7 +68,7 @@ def build_base(seed: int = 0) -> nn.Module:
 
 def build_model(config: TrainConfig) -> nn.Module:
     """The base model with a fresh adapter, or the adapter saved by an earlier run (resume)."""
-    base = build_base(config.seed)
+    base = build_base(config.seed).to(getattr(torch, config.dtype))
     if config.peft:
         import peft
 
@@ -160,6 +161,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str]:
     parser.add_argument("--resume-sharded", action="store_true",
                         help="load the adapter into the wrapped model (load_adapter_sharded), not before wrapping")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the base model's dtype; blocks stay float32")
     parser.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args(argv)
@@ -169,7 +172,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str]:
         parallel=args.parallel, compile=args.compile or ("model" if args.parallel == "ddp" else "block"),
         peft=args.peft, steps=args.steps, start_step=args.start_step, batch=args.batch, seq=args.seq,
         lr=args.lr, device=args.device, out=args.out, save_every=args.save_every, resume=args.resume,
-        resume_sharded=args.resume_sharded,
+        resume_sharded=args.resume_sharded, dtype=args.dtype,
     )
     return config, args.backend
 

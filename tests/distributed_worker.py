@@ -41,6 +41,11 @@ def phases(out: Path) -> dict[str, TrainConfig]:
             base, parallel="fsdp2", peft=True, out=out / "fsdp2_peft_resumed_sharded",
             resume=out / "fsdp2" / f"step-{SAVED_AT}", start_step=SAVED_AT, resume_sharded=True,
         ),
+        # A bf16 base with fp32 blocks (PEFT's default): FSDP2 all-gathers both dtypes. Eager, to pay
+        # for no bf16 compile here (compiled bf16 is tested in one process elsewhere).
+        "fsdp2_bf16": dataclasses.replace(
+            base, parallel="fsdp2", compile="none", dtype="bfloat16", out=out / "fsdp2_bf16",
+        ),
     }
 
 
