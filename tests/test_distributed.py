@@ -18,6 +18,8 @@ from train_distributed import TrainConfig, build_base, train  # examples/: on sy
 from miss_compile import MissConfig, apply_miss, read_adapter, save_adapter
 from miss_compile.distributed import load_adapter_sharded, shard_fsdp2, wrap_ddp
 
+pytestmark = pytest.mark.xdist_group("distributed")  # one pytest-xdist worker launches torchrun, once
+
 WORKER = Path(__file__).with_name("distributed_worker.py")
 TIMEOUT_S = 600  # a cold Inductor cache on a busy 2-core machine; a hang fails here, not in CI's timeout
 PHASES = list(phases(Path()))
