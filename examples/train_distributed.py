@@ -135,8 +135,8 @@ def train(config: TrainConfig) -> tuple[nn.Module, list[float]]:
 
 def _mean_over_ranks(loss: torch.Tensor, world: int) -> float:
     if world > 1:
-        dist.all_reduce(loss, op=dist.ReduceOp.SUM)  # gloo has no AVG for all_reduce
-    return loss.item() / world
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # gloo (torch 2.13) and NCCL both average
+    return loss.item()
 
 
 def _write_json(path: Path, value: object) -> None:

@@ -1,8 +1,10 @@
 """DDP and FSDP2 around MiSS models compiled with miss_backend: 2 processes (torchrun, gloo, CPU) give the
 losses and final blocks of one process training eagerly on the whole batch; their adapters load in PEFT."""
 
+import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,16 +20,35 @@ from train_distributed import TrainConfig, build_base, train  # examples/: on sy
 from miss_compile import MissConfig, apply_miss, read_adapter, save_adapter
 from miss_compile.distributed import load_adapter_sharded, shard_fsdp2, wrap_ddp
 
-pytestmark = pytest.mark.xdist_group("distributed")  # one pytest-xdist worker launches torchrun, once
+pytestmark = pytest.mark.xdist_group("distributed")  # one worker where xdist can group; _once() everywhere
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 TIMEOUT_S = 600  # a cold Inductor cache on a busy 2-core machine; a hang fails here, not in CI's timeout
 PHASES = list(phases(Path()))
+# bf16: only the frozen base computes in bf16, row by row as in one process; blocks, their gradients and
+# the loss are fp32. Seen here: 5e-7 (losses), 7e-8 (blocks).
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-3}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("distributed")
+def _once(tmp_path_factory, name, make):
+    """A folder `make(folder)` fills once per test session, even across pytest-xdist workers (they share
+    basetemp's parent). xdist_group alone does not keep this module on one worker: pytest 9.2 ignores
+    the node id suffix xdist 3.8 groups by."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / "done").touch()
+    return folder
+
+
+def _launch(out):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Own process group, so a timeout kills torchrun's workers too, not only torchrun.
@@ -40,23 +61,24 @@ def runs(tmp_path_factory):
         stdout, stderr = process.communicate()
         pytest.fail(f"torchrun ran past {TIMEOUT_S} s:\n{stdout[-3000:]}\n{stderr[-6000:]}")
     assert process.returncode == 0, f"torchrun failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
-    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return _once(tmp_path_factory, "distributed_runs", _launch)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """dtype -> one process, eager, the whole global batch (2 ranks x 2 sequences) each step."""
-    runs = {}
-    for dtype in ("float32", "bfloat16"):
-        out = tmp_path_factory.mktemp(f"reference_{dtype}")
-        _, losses = train(TrainConfig(parallel="none", compile="none", batch=4, steps=STEPS, dtype=dtype, out=out))
-        runs[dtype] = losses, out / "adapter"
-    return runs
+    def make(folder):
+        for dtype in TOLERANCE:
+            train(TrainConfig(parallel="none", compile="none", batch=4, steps=STEPS, dtype=dtype, out=folder / dtype))
 
+    folder = _once(tmp_path_factory, "distributed_reference", make)
+    return {dtype: (json.loads((folder / dtype / "losses.json").read_text())["losses"], folder / dtype / "adapter")
+            for dtype in TOLERANCE}
 
-# bf16: only the frozen base computes in bf16, row by row as in one process; blocks, their gradients and
-# the loss are fp32. Seen here: 5e-7 (losses), 7e-8 (blocks).
-TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-3}
 
 
 @pytest.mark.slow
