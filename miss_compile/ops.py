@@ -250,6 +250,8 @@ def _bat_backward(ctx: Any, grad: torch.Tensor) -> tuple:
         d = block.to(g.dtype)
         if ctx.needs_input_grad[3][k]:
             grad_blocks[k] = (w.transpose(-1, -2) @ g + g).sum(1).to(block.dtype)
+        if k == 0 and not ctx.needs_input_grad[1]:
+            break  # the frozen base weight needs no gradient: skip the last r x r GEMMs over W
         grad_folded = reference.from_bat_blocks(g + g @ d[:, None].transpose(-1, -2))
     grad_weight = grad_folded.to(weight.dtype) if ctx.needs_input_grad[1] else None
     return grad_x, grad_weight, grad_bias, grad_blocks
