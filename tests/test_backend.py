@@ -135,6 +135,24 @@ def test_adapter_product_feeds_the_base_gemm():
     assert "torch.ops.miss" not in code  # decomposed: no fallback call of the op
 
 
+def test_many_tokens_fold_the_adapter_into_the_base_gemms_forward_and_backward():
+    """tokens * r >= 4 * in: x @ (W + dW).T forward, grad @ (W + dW) backward, and the one GEMM
+    left for the adapter is the block's gradient S(x).T @ grad."""
+    model = one_linear(r=4)  # in 13, out 12; 64 tokens * 4 >= 4 * 13
+    eager = clone(model)
+    x = torch.randn(4, 16, 13, requires_grad=True)
+    x_eager = x.detach().clone().requires_grad_(True)
+    compiled = torch.compile(model, backend=make_backend())
+    _, (forward_code, backward_code) = run_and_get_code(lambda: compiled(x).square().sum().backward())
+    eager(x_eager).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_eager.grad, atol=1e-5, rtol=1e-5)
+    block_grad, expected = model.proj.miss_block["default"].grad, eager.proj.miss_block["default"].grad
+    torch.testing.assert_close(block_grad, expected, atol=1e-5, rtol=1e-5)
+    forward_call, backward_call = forward_code.split("def call")[1], backward_code.split("def call")[1]
+    assert forward_call.count("extern_kernels.") == 1 and "extern_kernels.addmm(" in forward_call
+    assert backward_call.count("extern_kernels.mm(") == 2 and backward_call.count("extern_kernels.") == 2
+
+
 def test_merge_folds_frozen_adapters_into_the_weight():
     model = one_linear()
     model.proj.miss_block["default"].requires_grad_(False)

@@ -1,0 +1,29 @@
+"""`python -m benchmarks --quick` runs every table, so the benchmarks can't rot between releases.
+
+Timings on tiny sizes mean nothing; what is asserted is that every table and contender ran, that
+the parity checks inside the benchmarks held (they raise otherwise), and that targets were checked.
+"""
+
+import re
+
+import pytest
+
+from benchmarks.__main__ import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_run_fills_every_table(tmp_path):
+    out = tmp_path / "quick.md"
+    assert main(["--quick", "--repeats", "3", "--out", str(out)]) == 0
+    text = out.read_text()
+    for section in ("## layer", "## training", "## compile", "## onnx", "## mixed", "## targets"):
+        assert section in text
+    for contender in ("limit: compiled base", "miss_backend merged", "PEFT MiSS eager", "PEFT LoRA r=8 compiled",
+                      "bat: miss_backend", "mini: miss_backend", "limit: compiled base, frozen",
+                      "onnxruntime unmerged", "torch eager (PEFT MiSS)"):
+        assert f"| {contender} |" in text
+    times = [float(ms) for ms in re.findall(r"^\| [^|]+ \| ([0-9.]+) \|", text, flags=re.MULTILINE)]
+    assert len(times) > 30 and all(ms > 0 for ms in times)
+    targets = text.split("## targets")[1]
+    assert targets.count("| yes |") + targets.count("| **no** |") >= 10
