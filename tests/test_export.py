@@ -13,7 +13,7 @@ from export import export_onnx, load_session, write_onnx_adapter
 from export.onnx import BLOCK_MARKER
 from miss_compile import MissConfig, apply_miss, save_adapter
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("exports")]  # one worker builds the shared exports
+pytestmark = pytest.mark.slow
 
 CONFIGS = {
     "balance": MissConfig(r=3, init="random", target_modules="all-linear"),
