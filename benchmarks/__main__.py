@@ -31,7 +31,7 @@ def _run_table(name: str, args: argparse.Namespace) -> list[dict]:
     if name == "training":
         return training.run(args.quick, args.device, args.repeats)
     if name == "compile":
-        return compile_time.run(args.quick, args.device, rounds=1 if args.quick else 3)
+        return compile_time.run(args.quick, args.device, rounds=args.compile_rounds)
     if name == "onnx":
         return onnx_runtime.run(args.quick, args.device, args.repeats)
     from . import mixed_adapters
@@ -45,9 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tables", nargs="+", choices=TABLES, default=list(TABLES))
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per table (default 20, quick 10)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile-rounds", type=int, default=None,
+                        help="cold + warm process pairs per compiler (default 3, quick 1)")
     parser.add_argument("--out", help="also write the markdown report to this file")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (10 if args.quick else 20)
+    args.compile_rounds = args.compile_rounds or (1 if args.quick else 3)
     # Many contenders share forward code objects (nn.Linear, PeftModel): raise Dynamo's per-code
     # limit, and fail loudly rather than silently running a contender eagerly past it.
     limits = {"recompile_limit": 256, "accumulated_recompile_limit": 4096, "fail_on_recompile_limit_hit": True}
