@@ -45,13 +45,32 @@ def miss_linear_decomposition(
 ) -> torch.Tensor:
     out_features = weight.shape[0]
     if all(ops.reads_x(x, adapter_inputs, weight, blocks)) and _folding_is_cheaper(x, weight, blocks):
-        variants = [ops.block_variant(block, out_features) for block in blocks]
-        return F.linear(x, reference.fold_weight(weight, blocks, variants), bias)
+        folded_t = _folded_weight_t(weight, blocks)
+        x_2d = x.reshape(-1, weight.shape[1])
+        out = x_2d @ folded_t if bias is None else torch.addmm(bias, x_2d, folded_t)
+        return out.reshape(*x.shape[:-1], out_features)
     adapter = None
     for adapter_input, block in zip(adapter_inputs, blocks, strict=True):
         product = _adapter_product(adapter_input, block, out_features)
         adapter = product if adapter is None else adapter + product
     return _linear_plus(x, weight, bias, adapter)
+
+
+def _folded_weight_t(weight: torch.Tensor, blocks: list[torch.Tensor]) -> torch.Tensor:
+    """(W + dW).T, built in [in, out] layout with reference.fold_weight's rounding.
+
+    The op's backward builds W + dW too. Built the same way, AOT's CSE would share one tensor
+    between them and the partitioner would keep an [out, in] copy of every adapted weight alive
+    until backward; this different expression makes backward rebuild it (one pass over W).
+    """
+    out_features, in_features = weight.shape
+    folded_t = weight.t()
+    for block in blocks:
+        expanded = reference.expand_block(block, ops.block_variant(block, out_features), out_features)
+        delta_t = expanded.repeat(-(-in_features // block.shape[0]), 1)[:in_features]  # row i is D[i % r]
+        dtype = torch.promote_types(torch.float32, weight.dtype)
+        folded_t = (folded_t.to(dtype) + delta_t.to(dtype)).to(weight.dtype)
+    return folded_t
 
 
 def _folding_is_cheaper(x: torch.Tensor, weight: torch.Tensor, blocks: list[torch.Tensor]) -> bool:

@@ -3,6 +3,8 @@
 Inductor compiles are the slow part of the suite: tiny models, one compile per test.
 """
 
+import ast
+
 import peft
 import pytest
 import torch
@@ -151,6 +153,25 @@ def test_many_tokens_fold_the_adapter_into_the_base_gemms_forward_and_backward()
     forward_call, backward_call = forward_code.split("def call")[1], backward_code.split("def call")[1]
     assert forward_call.count("extern_kernels.") == 1 and "extern_kernels.addmm(" in forward_call
     assert backward_call.count("extern_kernels.mm(") == 2 and backward_call.count("extern_kernels.") == 2
+
+
+def _saved_for_backward(model, backend, x):
+    compiled = torch.compile(model, backend=backend)
+    _, (forward_code, _) = run_and_get_code(lambda: compiled(x).square().sum().backward())
+    returned = next(line for line in forward_code.split("def call")[1].splitlines() if line.strip().startswith("return ("))
+    return [ast.unparse(item) for item in ast.parse(returned.strip()).body[0].value.elts[1:]]  # [0]: the output
+
+
+def test_training_with_folding_saves_no_more_than_stock_inductor():
+    """The folded W + dW is rebuilt in backward, not kept alive: PEFT's layer under miss_backend
+    saves what stock Inductor saves on the same model: the parameters and S(x), nothing as big as W."""
+    torch.manual_seed(0)
+    base = OneLinear(16, 12)
+    model = peft.get_peft_model(base, MissConfig(r=4, target_modules=["proj"]).to_peft())
+    x = torch.randn(4, 16, 16, requires_grad=True)  # backward needs W + dW for x's gradient
+    ours, stock = _saved_for_backward(model, make_backend(), x), _saved_for_backward(model, "inductor", x)
+    computed = [[item for item in saved if not item.startswith("primals_")] for saved in (ours, stock)]
+    assert len(computed[0]) == len(computed[1]) == 1, (ours, stock)  # S(x) only; W and D are parameters
 
 
 def test_merge_folds_frozen_adapters_into_the_weight():
