@@ -27,7 +27,7 @@ COLUMNS = {
 
 def _run_table(name: str, args: argparse.Namespace) -> list[dict]:
     if name == "layer":
-        return layer.run(args.quick, args.device, args.repeats)
+        return layer.run(args.quick, args.device, args.repeats, args.layer_dtypes)
     if name == "training":
         return training.run(args.quick, args.device, args.repeats)
     if name == "compile":
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile-rounds", type=int, default=None,
                         help="cold + warm process pairs per compiler (default 3, quick 1)")
+    parser.add_argument("--layer-dtypes", nargs="+", choices=list(layer.DTYPES), default=None,
+                        help="dtype settings of the layer table (default all; quick fp32)")
     parser.add_argument("--out", help="also write the markdown report to this file")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (10 if args.quick else 20)

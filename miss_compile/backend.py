@@ -57,7 +57,10 @@ class MissGraphPass(CustomGraphPass):
 def make_backend(merge: bool = False, config_patches: dict[str, Any] | None = None) -> Callable:
     """A torch.compile backend. merge=True folds frozen adapters into W and turns on Inductor's
     freezing, so inference costs the base model; in-place changes to the blocks then need a
-    recompile (torch._dynamo.reset()), since frozen weights are compile-time constants."""
+    recompile (torch._dynamo.reset()), since frozen weights are compile-time constants.
+    Freezing must also be on while Dynamo traces (it decides there whether parameters are
+    constants): run the first call under `torch.no_grad()` and
+    `torch._inductor.config.patch(freezing=True)`; the backend warns when that was not the case."""
     graph_pass = MissGraphPass(merge=merge)
     patches = {"pre_grad_custom_pass": graph_pass}
     if merge:
@@ -65,12 +68,32 @@ def make_backend(merge: bool = False, config_patches: dict[str, Any] | None = No
     patches.update(config_patches or {})
 
     def backend(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Callable:
-        graph_pass.rewrite(gm)
+        report = graph_pass.rewrite(gm)
+        if merge and any(item.merged for item in report.rewritten):
+            _warn_unless_parameters_are_constants(backend)
         return compile_fx(gm, example_inputs, config_patches=patches)
 
     backend.graph_pass = graph_pass  # reports of every graph compiled, for tests and explain()
     backend.__name__ = "miss_backend" if not merge else "miss_backend_merged"
     return backend
+
+
+def _warn_unless_parameters_are_constants(backend: Callable) -> None:
+    """Dynamo hands parameters to a backend as constants only when Inductor's freezing is on, and
+    grad off, while it traces; otherwise they arrive as inputs and W + dW is rebuilt on every call
+    (right numbers, but a pass over W per call: 2.5x the base GEMM at one token, 2048x2048)."""
+    if torch._inductor.config.freezing and not torch.is_grad_enabled():
+        return
+    if getattr(backend, "_warned_inputs", False):
+        return
+    backend._warned_inputs = True
+    logger.warning(
+        "make_backend(merge=True): the model was traced with %s, so W + dW is recomputed on every "
+        "call instead of once. Trace and run under torch.no_grad() with freezing on: "
+        "`with torch.no_grad(), torch._inductor.config.patch(freezing=True): compiled(...)` "
+        "(or set torch._inductor.config.freezing = True before the first call).",
+        "gradients enabled" if torch.is_grad_enabled() else "torch._inductor.config.freezing off",
+    )
 
 
 # backend="miss" resolves through the `torch_dynamo_backends` entry point (pyproject.toml).

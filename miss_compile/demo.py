@@ -77,7 +77,13 @@ def _run_variant(base: torch.nn.Module, compiled_base: Callable, config: MissCon
     frozen = copy.deepcopy(adapted).requires_grad_(False)  # merging folds frozen adapters only
     unmerged_backend, merged_backend = make_backend(), make_backend(merge=True)
     compiled = torch.compile(adapted, backend=unmerged_backend)
-    merged = torch.compile(frozen, backend=merged_backend)
+    compiled_merged = torch.compile(frozen, backend=merged_backend)
+
+    def merged(input_ids: torch.Tensor, use_cache: bool = False) -> object:
+        # Freezing on while Dynamo traces: parameters become constants and W + dW is folded once.
+        with torch._inductor.config.patch(freezing=True):
+            return compiled_merged(input_ids, use_cache=use_cache)
+
     with torch.no_grad():
         expected = _logits(_reference_model(base, adapted), input_ids)
         errors = [(_logits(model, input_ids) - expected).abs().max().item() for model in (adapted, compiled, merged)]
