@@ -64,23 +64,36 @@ def _measure(backend_name: str, quick: bool, device: str) -> float:
     return first - steady
 
 
-def _child(backend: str, cache_dir: str, quick: bool, device: str) -> float:
+def _start_child(backend: str, cache_dir: str, quick: bool, device: str) -> subprocess.Popen:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
     command = [sys.executable, "-m", "benchmarks.compile_time", backend, device] + (["--quick"] if quick else [])
-    done = subprocess.run(command, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True,
-                          timeout=1800)
-    if done.returncode != 0:
-        raise RuntimeError(f"compile-time child for {backend} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])["compile_s"]
+    return subprocess.Popen(command, env=env, cwd=Path(__file__).parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _result(child: subprocess.Popen, backend: str) -> float:
+    stdout, stderr = child.communicate(timeout=1800)
+    if child.returncode != 0:
+        raise RuntimeError(f"compile-time child for {backend} failed:\n{stderr[-3000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])["compile_s"]
+
+
+def _children(caches: dict[str, str], quick: bool, device: str) -> dict[str, float]:
+    """Stock then ours, one after the other; --quick runs the pair side by side (it makes no claims,
+    and the suite runs it)."""
+    if quick:
+        started = {backend: _start_child(backend, caches[backend], quick, device) for backend in BACKENDS}
+        return {backend: _result(child, backend) for backend, child in started.items()}
+    return {backend: _result(_start_child(backend, caches[backend], quick, device), backend) for backend in BACKENDS}
 
 
 def run(quick: bool, device: str, rounds: int) -> list[dict]:
     seconds: dict[tuple[str, str], list[float]] = {(b, c): [] for b in BACKENDS for c in ("cold", "warm")}
     for _ in range(rounds):
         caches = {backend: tempfile.mkdtemp(prefix=f"miss-bench-{backend}-") for backend in BACKENDS}
-        for cache in ("cold", "warm"):  # interleaved: stock then ours, cold then warm on the same dirs
-            for backend in BACKENDS:
-                seconds[(backend, cache)].append(_child(backend, caches[backend], quick, device))
+        for cache in ("cold", "warm"):  # interleaved: stock and ours, cold then warm on the same dirs
+            for backend, value in _children(caches, quick, device).items():
+                seconds[(backend, cache)].append(value)
         for folder in caches.values():
             shutil.rmtree(folder, ignore_errors=True)
     rows = []

@@ -107,7 +107,18 @@ def pytest_addoption(parser):
     )
 
 
+# The longest files start first, so that under pytest-xdist (whole files per worker) no single
+# long test runs alone at the end while the other worker idles.
+LONGEST_FIRST = ("test_benchmarks.py", "test_distributed.py", "test_backend.py", "test_export.py")
+
+
+def _start_order(item) -> int:
+    name = item.path.name
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_start_order)  # stable: the order inside a file is kept
     if torch.cuda.is_available():
         return
     reason = "needs a CUDA device: run `./dev test -m cuda` on the GPU machine (benchmarks/gpu_check.sh)"
