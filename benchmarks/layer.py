@@ -43,7 +43,12 @@ def _compiled(module: nn.Module, backend: object) -> nn.Module:
     if getattr(backend, "__name__", "") != "miss_backend_merged":
         return compiled
 
+    traced: set[torch.Size] = set()
+
     def frozen(x: torch.Tensor) -> torch.Tensor:
+        if x.shape in traced:  # the patch costs ~40 us a call: only tracing needs it
+            return compiled(x)
+        traced.add(x.shape)
         # Freezing on while Dynamo traces: parameters become constants and W + dW is folded once.
         with torch._inductor.config.patch(freezing=True):
             return compiled(x)

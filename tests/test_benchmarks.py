@@ -21,6 +21,7 @@ def test_quick_run_fills_every_table(tmp_path):
         assert section in text
     for contender in ("limit: compiled base", "miss_backend merged", "PEFT MiSS eager", "PEFT LoRA r=8 compiled",
                       "bat: miss_backend", "mini: miss_backend", "limit: compiled base, frozen",
+                      "floor for bat: limit + weight grads",
                       "onnxruntime unmerged", "torch eager (PEFT MiSS)"):
         assert f"| {contender} |" in text
     times = [float(ms) for ms in re.findall(r"^\| [^|]+ \| ([0-9.]+) \|", text, flags=re.MULTILINE)]
