@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from miss_compile import make_backend
+from miss_compile.timing import interleaved_ms
 
 from .models import DTYPES, OneLinear, peft_lora, peft_miss
-from .timing import interleaved_ms
 
 
 def _contenders(features: int, r: int, dtype: torch.dtype, fp32_adapters: bool) -> dict[str, tuple[nn.Module, object]]:

@@ -24,9 +24,9 @@ from miss_compile import (
     stack_adapters,
 )
 from miss_compile.peft_compat import named_miss_layers
+from miss_compile.timing import interleaved_ms
 
 from .models import SEVEN_PROJECTIONS, miss_config
-from .timing import interleaved_ms
 from .training import FULL, QUICK
 
 TOLERANCE = 1e-3

@@ -9,9 +9,9 @@ import onnxruntime
 import torch
 
 from export import export_onnx, load_session
+from miss_compile.timing import interleaved_ms
 
 from .models import SEVEN_PROJECTIONS, peft_miss
-from .timing import interleaved_ms
 from .training import FULL, QUICK
 
 

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from miss_compile import make_backend
+from miss_compile.timing import interleaved_ms
 
 from .memory import step_peak_mib
 from .models import SEVEN_PROJECTIONS, LlamaShape, peft_lora, peft_miss, trainable_parameters
-from .timing import interleaved_ms
 
 FULL = LlamaShape(hidden=512, intermediate=1408, layers=4)
 QUICK = LlamaShape(hidden=64, intermediate=176, layers=1, vocab=256)  # compile time grows with layers

@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from .backend import make_backend
 from .config import MissConfig
 from .inject import apply_miss
 from .peft_compat import named_miss_layers
+from .timing import interleaved_ms
 
 VARIANTS = {
     "balance": MissConfig(r=8, target_modules="all-linear", init="random"),
@@ -41,15 +40,9 @@ def tiny_llama(hidden: int = 128, layers: int = 2) -> torch.nn.Module:
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def _median_ms(contenders: list, repeats: int) -> list[float]:
-    """Median wall time of each callable, runs interleaved so machine noise hits all alike."""
-    times: list[list[float]] = [[] for _ in contenders]
-    for _ in range(repeats):
-        for fn, samples in zip(contenders, times, strict=True):
-            start = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(samples) for samples in times]
+def _interleaved(contenders: list[Callable[[], object]], repeats: int) -> list[float]:
+    times = interleaved_ms(dict(enumerate(contenders)), repeats, warmup=1)
+    return [times[k] for k in range(len(contenders))]
 
 
 def _reference_model(base: torch.nn.Module, adapted: torch.nn.Module) -> torch.nn.Module:
@@ -87,7 +80,7 @@ def _run_variant(base: torch.nn.Module, compiled_base: Callable, config: MissCon
     with torch.no_grad():
         expected = _logits(_reference_model(base, adapted), input_ids)
         errors = [(_logits(model, input_ids) - expected).abs().max().item() for model in (adapted, compiled, merged)]
-        times = _median_ms([lambda m=m: _logits(m, input_ids) for m in (adapted, compiled, merged, compiled_base)],
+        times = _interleaved([lambda m=m: _logits(m, input_ids) for m in (adapted, compiled, merged, compiled_base)],
                            repeats)
     onnx_errors, onnx_times = _onnx_rows(adapted, input_ids, expected, repeats)
     layers = named_miss_layers(adapted)
@@ -122,7 +115,7 @@ def _onnx_rows(adapted: torch.nn.Module, input_ids: torch.Tensor, expected: torc
         feeds = {"input_ids": input_ids}
         errors = [(session.run(feeds)[0].cpu() - expected).abs().max().item() for session in sessions]
         with torch.no_grad():
-            times = _median_ms([lambda s=s: s.run(feeds) for s in sessions] + [lambda: _logits(adapted, input_ids)],
+            times = _interleaved([lambda s=s: s.run(feeds) for s in sessions] + [lambda: _logits(adapted, input_ids)],
                                repeats)
     return errors, times
 
