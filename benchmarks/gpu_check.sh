@@ -17,5 +17,5 @@ timeout 240 python -m pytest -q -p no:logging -m cuda tests/test_cuda.py > "$OUT
 echo "cuda tests rc=$?" >> "$OUT/machine.txt"
 timeout 60 python -m miss_compile --repeats 20 > "$OUT/demo.log" 2>&1
 echo "demo rc=$?" >> "$OUT/machine.txt"
-timeout 270 python -m benchmarks --device cuda --out "$OUT/BENCHMARKS-h200.md" > "$OUT/benchmarks.log" 2>&1
+timeout 270 python -m benchmarks --device cuda --repeats 10 --compile-rounds 1 --out "$OUT/BENCHMARKS-h200.md" > "$OUT/benchmarks.log" 2>&1
 echo "benchmarks rc=$?" >> "$OUT/machine.txt"
