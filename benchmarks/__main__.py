@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
+
+from miss_compile.files import stage_beside
 
 from . import compile_time, layer, onnx_runtime, report, training
 from .machine import describe
@@ -92,10 +94,12 @@ def _run(args: argparse.Namespace) -> list[str]:
 
 
 def _write_atomically(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
+    staged = stage_beside(Path(path).absolute())
+    try:
+        staged.write_text(text)
+        os.replace(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ or every layer's adapter stack (`<module>.miss_stack`), for graphs exported with
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from miss_compile.checkpoint import read_adapter
+from miss_compile.files import stage_beside
 from miss_compile.peft_compat import named_miss_layers
 from miss_compile.stacked import stacked_layers
 
@@ -41,7 +41,13 @@ def _graph_blocks(model_path: Path) -> dict[str, tuple[tuple[int, ...], type]]:
     for graph_input in model.graph.input:
         if graph_input.name in initializers:
             tensor = initializers[graph_input.name]
-            blocks[graph_input.name] = (tuple(tensor.dims), _ONNX_TO_NUMPY.get(tensor.data_type, np.float32))
+            if tensor.data_type not in _ONNX_TO_NUMPY:
+                raise NotImplementedError(
+                    f"{model_path}: graph input {graph_input.name!r} is {onnx.TensorProto.DataType.Name(tensor.data_type)}, "
+                    f"and .onnx_adapter files are written as {sorted(onnx.TensorProto.DataType.Name(t) for t in _ONNX_TO_NUMPY)} "
+                    "only; export the graph in one of those dtypes"
+                )
+            blocks[graph_input.name] = (tuple(tensor.dims), _ONNX_TO_NUMPY[tensor.data_type])
     return blocks
 
 
@@ -98,10 +104,9 @@ def _write(parameters: dict[str, torch.Tensor], path: str | os.PathLike, model_p
     adapter_format.set_parameters(values)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, staged = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    staged = stage_beside(path)
     try:
-        adapter_format.export_adapter(staged)
+        adapter_format.export_adapter(str(staged))
         os.replace(staged, path)
     finally:
         Path(staged).unlink(missing_ok=True)

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import pickle
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import MissConfig
+from .files import stage_beside
 from .inject import apply_miss
 from .peft_compat import adapter_variant, named_miss_layers, peft_tuner
 
@@ -67,10 +67,11 @@ def _atomic_write(files: dict[Path, Callable[[str], object]]) -> None:
     staged: dict[Path, str] = {}
     try:
         for path, write in files.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-            os.close(fd)
+            tmp = str(stage_beside(path))
             staged[path] = tmp
+            mode = os.stat(tmp).st_mode
             write(tmp)
+            os.chmod(tmp, mode)  # safetensors writes its file 0o600 whatever the umask
         for path, tmp in staged.items():
             os.replace(tmp, path)
     finally:

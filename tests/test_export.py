@@ -1,6 +1,7 @@
 """ONNX export on onnxruntime (CPU provider here): parity, dynamic sizes, merged = base graph, adapter swaps."""
 
 import collections
+import os
 
 import onnx
 import onnxruntime as ort
@@ -224,3 +225,40 @@ def test_cli_end_to_end_on_saved_folders(tmp_path, capsys, unmerged):
     if unmerged:
         swapped = session.run({"input_ids": ids}, adapter=out.with_suffix(".onnx_adapter"))[0]
         torch.testing.assert_close(swapped, model_output(theirs, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_export_refuses_adapter_names(tmp_path):
+    _, model = adapted()
+    with pytest.raises(ValueError, match=r"export_onnx takes adapter_ids, not adapter_names.*adapter_ids_for"):
+        export_onnx(model, kwargs={"input_ids": input_ids(), "adapter_names": ["default", None]}, path=tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_adapter_for_a_graph_block_in_an_unwritable_dtype_is_refused(tmp_path):
+    """.onnx_adapter parameters follow the graph's dtype; a bf16 block must not silently become fp32."""
+    name = "model.layers.0.self_attn.q_proj.miss_block.default"
+    block = onnx.helper.make_tensor(name, onnx.TensorProto.BFLOAT16, [3, 32], [0] * 96)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", [name], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.BFLOAT16, [3, 32])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.BFLOAT16, [3, 32])], [block])
+    graph_path = tmp_path / "bf16.onnx"
+    onnx.save(onnx.helper.make_model(graph, ir_version=10), str(graph_path))
+    _, model = adapted()
+    with pytest.raises(NotImplementedError, match=rf"graph input '{name}' is BFLOAT16, and .onnx_adapter files are"):
+        write_onnx_adapter(model, tmp_path / "a.onnx_adapter", graph_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16.onnx"]
+
+
+def test_written_files_are_readable_as_the_umask_allows(tmp_path):
+    """Staged files are created like open() creates them (0o666 less the umask), not mkstemp's 0o600."""
+    _, model = adapted()
+    previous = os.umask(0o022)
+    try:
+        save_adapter(model, tmp_path / "adapter")
+        write_onnx_adapter(model, tmp_path / "a.onnx_adapter")
+    finally:
+        os.umask(previous)
+    written = [tmp_path / "a.onnx_adapter", *(tmp_path / "adapter").iterdir()]
+    assert len(written) == 3 and all(p.stat().st_mode & 0o777 == 0o644 for p in written), \
+        {p.name: oct(p.stat().st_mode & 0o777) for p in written}
