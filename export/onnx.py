@@ -206,6 +206,9 @@ def export_onnx(
     kwargs = dict(kwargs or {})
     path = Path(path)
     _check_writable(path)
+    if "adapter_names" in kwargs:
+        raise ValueError("export_onnx takes adapter_ids, not adapter_names: names would be traced into constant ids. "
+                         "Pass adapter_ids=miss_compile.adapter_ids_for(model, names)")
     stacked = "adapter_ids" in kwargs
     if stacked and merged:
         raise ValueError("adapter_ids given with merged=True; each batch row has its own adapter, so a stacked "

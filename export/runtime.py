@@ -72,6 +72,11 @@ class MissSession:
         if unknown:
             raise ValueError(f"unknown inputs {unknown}; the graph takes {self.input_names} "
                              f"and {len(self.overridable_names)} overridable blocks")
+        ids = inputs.get("adapter_ids")
+        if ids is not None and ids.numel() and int(ids.min()) < -1:
+            # Gather would take -2 as the last real adapter; only -1 (NO_ADAPTER, the zero block) is meant.
+            raise ValueError(f"adapter_ids {ids.tolist()}: ids run from 0 to the number of stacked adapters - 1, "
+                             "and -1 means no adapter; build them with miss_compile.adapter_ids_for")
         options = ort.RunOptions()
         if adapter is not None:
             options.add_active_adapter(self._adapter(adapter))

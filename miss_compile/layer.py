@@ -172,6 +172,10 @@ class MissLinear(nn.Module):
         if self.training and any(self.miss_dropout[name].training and isinstance(self.miss_dropout[name], nn.Dropout)
                                  for name in self.miss_stack_names if name in self.miss_dropout):
             raise ValueError("adapter stacks are for inference and apply no dropout; call model.eval() first")
+        if x.dim() < 2 or self.adapter_ids.shape[0] != x.shape[0]:
+            raise ValueError(f"adapter_ids hold {self.adapter_ids.shape[0]} ids, but the input {tuple(x.shape)} of this "
+                             f"layer ({self.extra_repr()}) has batch {x.shape[0] if x.dim() >= 2 else 'none'}; "
+                             "pass one id (or name) per batch row")
         return ops.stacked_linear(x, self.adapter_ids, self.base_weight(), self.base_layer.bias, self.miss_stack)
 
     def extra_repr(self) -> str:

@@ -13,6 +13,7 @@ formulas are written here so balance/mini save only the chunk sums S(a_k) [token
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -270,7 +271,10 @@ def _check_stacked(x: torch.Tensor, adapter_ids: torch.Tensor, weight: torch.Ten
         adapter_ids.dim() == 1 and adapter_ids.shape[0] == x.shape[0],
         lambda: f"miss.stacked_linear: adapter_ids {ids_shape} must hold one id per batch row of x {tuple(x.shape)}",
     )
-    torch._check(not adapter_ids.is_floating_point(), lambda: "miss.stacked_linear: adapter_ids must be integers")
+    torch._check(
+        adapter_ids.dtype in (torch.int32, torch.int64),
+        lambda: f"miss.stacked_linear: adapter_ids must be int64 or int32, got {adapter_ids.dtype}",
+    )
     torch._check(
         stack.dim() == 3 and stack.shape[2] == weight.shape[0],
         lambda: f"miss.stacked_linear: stack must be [adapters, r, out={weight.shape[0]}], got {stack_shape}",
@@ -280,7 +284,8 @@ def _check_stacked(x: torch.Tensor, adapter_ids: torch.Tensor, weight: torch.Ten
 def stacked_product(x: torch.Tensor, adapter_ids: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
     """S(x in the stack's dtype) @ stack[id of the row], row by row: [batch, ..., out] in the stack's dtype."""
     r, out_features = stack.shape[1:]
-    chunk_sums = reference.chunk_sum(x.to(stack.dtype), r).reshape(x.shape[0], -1, r)  # [batch, tokens, r]
+    tokens = math.prod(x.shape[1:-1])  # not -1: an empty batch has no size to infer
+    chunk_sums = reference.chunk_sum(x.to(stack.dtype), r).reshape(x.shape[0], tokens, r)
     return torch.bmm(chunk_sums, stack[adapter_ids]).reshape(*x.shape[:-1], out_features)
 
 
@@ -324,7 +329,9 @@ def _stacked_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> Non
     if trains:
         raise RuntimeError(
             f"miss.stacked_linear: {trains} require grad, but adapter stacks are for inference and have no "
-            "gradient; train each adapter on its own layer (set_active_adapters) and stack it afterwards"
+            "gradient. Serving: run under torch.no_grad() or torch.inference_mode(), or freeze the base weights "
+            "(requires_grad_(False)). Training: train each adapter on its own (set_active_adapters) and stack "
+            "it afterwards"
         )
     ctx.save_for_backward(adapter_ids, weight, stack)
     ctx.in_features = x.shape[-1]
@@ -334,7 +341,8 @@ def _stacked_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> Non
 def _stacked_backward(ctx: Any, grad: torch.Tensor) -> tuple:
     """Gradient for x only (an upstream layer may train): grad @ W + tile(grad @ stack[id].T)."""
     adapter_ids, weight, stack = ctx.saved_tensors
-    grad_adapter = grad.to(torch.promote_types(grad.dtype, stack.dtype)).reshape(grad.shape[0], -1, stack.shape[2])
+    tokens = math.prod(grad.shape[1:-1])
+    grad_adapter = grad.to(torch.promote_types(grad.dtype, stack.dtype)).reshape(grad.shape[0], tokens, stack.shape[2])
     grad_sums = torch.bmm(grad_adapter, stack[adapter_ids].to(grad_adapter.dtype).transpose(1, 2))
     grad_x = grad @ weight.to(grad.dtype) + _tile(grad_sums, ctx.in_features).reshape(*grad.shape[:-1], -1).to(grad.dtype)
     return grad_x.to(ctx.x_dtype), None, None, None, None

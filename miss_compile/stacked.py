@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from . import reference
 from .layer import MissLinear
@@ -50,9 +51,11 @@ NO_ADAPTER = -1
 def stack_blocks(layer_name: str, out_features: int, blocks: Sequence[tuple[str, torch.Tensor | None, str]],
                  rank: int | None = None) -> torch.Tensor:
     """[n + 1, R, out] from (adapter, block or None, variant) triples; the last block is zeros."""
+    _check_rank(rank)
     present = [(name, block, variant) for name, block, variant in blocks if block is not None]
     if not present:
-        raise ValueError(f"layer {layer_name!r}: none of the adapters {[b[0] for b in blocks]} is on it")
+        raise ValueError(f"layer {layer_name!r}: none of the adapters {[b[0] for b in blocks]} is on it; "
+                         "stack_adapters gives such a layer a zero stack")
     bat = [name for name, _, variant in present if variant == "bat"]
     if bat:
         raise ValueError(
@@ -84,6 +87,11 @@ def stack_blocks(layer_name: str, out_features: int, blocks: Sequence[tuple[str,
     return stack
 
 
+def _check_rank(rank: int | None) -> None:
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"stack rank {rank!r} must be a positive int, or None for each layer's least common multiple")
+
+
 def stacked_layers(model: nn.Module) -> list[MissLinear]:
     return [layer for layer in named_miss_layers(model).values()
             if isinstance(layer, MissLinear) and layer.miss_stack is not None]
@@ -97,6 +105,7 @@ def stack_adapters(model: nn.Module, adapter_names: Sequence[str] | None = None,
     (a copy, from_peft) and the copy is returned. `rank` forces the stack rank R of every layer
     (default: the lcm of a layer's ranks). Nothing is changed when a layer refuses.
     """
+    _check_rank(rank)
     if peft_tuner(model) is not None:
         model = from_peft(model)
     layers = {name: layer for name, layer in named_miss_layers(model).items() if isinstance(layer, MissLinear)}
@@ -113,7 +122,10 @@ def stack_adapters(model: nn.Module, adapter_names: Sequence[str] | None = None,
             raise ValueError(f"layer {layer_name!r} has merged adapters {layer.merged_adapters}; unmerge before stacking")
         triples = [(name, layer.miss_block[name] if name in layer.miss_block else None, layer.miss_variant.get(name, ""))
                    for name in names]
-        stacks[layer_name] = stack_blocks(layer_name, layer.out_features, triples, rank)
+        if any(block is not None for _, block, _ in triples):
+            stacks[layer_name] = stack_blocks(layer_name, layer.out_features, triples, rank)
+        else:  # none of these adapters targets this layer: every id is a zero block, the base output exactly
+            stacks[layer_name] = layer.base_weight().new_zeros(len(names) + 1, rank or 1, layer.out_features)
     for layer_name, layer in layers.items():
         layer.miss_stack = stacks[layer_name]
         layer.miss_stack_names = names
@@ -121,6 +133,7 @@ def stack_adapters(model: nn.Module, adapter_names: Sequence[str] | None = None,
     model.miss_stack_names = names
     if not getattr(model, "_miss_stack_hook", False):
         model.register_forward_pre_hook(_select_adapters, with_kwargs=True)
+        model.register_forward_hook(_clear_adapters, always_call=True)  # ids never outlive the call that set them
         model._miss_stack_hook = True
     logger.info("stacked adapters %s on %d layers", names, len(layers))
     return model
@@ -131,6 +144,9 @@ def adapter_ids_for(model: nn.Module, adapter_names: Sequence[str | None], devic
     stacked = getattr(model, "miss_stack_names", None)
     if stacked is None:
         raise ValueError(f"{type(model).__name__} has no adapter stacks; call miss_compile.stack_adapters(model) first")
+    if isinstance(adapter_names, str):
+        raise TypeError(f"adapter_names={adapter_names!r} is one string; pass one name per batch row, "
+                        f"e.g. [{adapter_names!r}] * batch")
     index = {name: i for i, name in enumerate(stacked)}
     unknown = sorted({name for name in adapter_names if name is not None and name not in index})
     if unknown:
@@ -140,15 +156,49 @@ def adapter_ids_for(model: nn.Module, adapter_names: Sequence[str | None], devic
     return torch.tensor(ids, dtype=torch.int64, device=device)
 
 
+def _check_ids(model: nn.Module, ids: Any, layers: list[MissLinear]) -> torch.Tensor:
+    """Once per call, outside any graph: the ids a stacked forward can serve exactly, on the stacks' device.
+    (torch.export traces this hook with fake ids: their values are checked at run time, by onnxruntime's Gather.)"""
+    names = model.miss_stack_names
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"adapter_ids must be a tensor, got {type(ids).__name__}; build it with "
+                        "miss_compile.adapter_ids_for(model, names), or pass adapter_names=[...]")
+    if ids.dim() != 1 or ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"adapter_ids must be a 1-D int64 (or int32) tensor, one id per batch row; got "
+                         f"{ids.dtype} of shape {tuple(ids.shape)}")
+    if ids.numel() and not is_fake(ids) and not (NO_ADAPTER <= int(ids.min()) and int(ids.max()) < len(names)):
+        raise ValueError(f"adapter_ids {ids.tolist()}: ids run from 0 to {len(names) - 1} over the stack {names}, "
+                         f"and {NO_ADAPTER} (NO_ADAPTER) means no adapter")
+    return ids.to(device=layers[0].miss_stack.device, dtype=torch.int64)
+
+
+def _check_every_layer_stacked(model: nn.Module, layers: list[MissLinear]) -> None:
+    stacked = {id(layer) for layer in layers}
+    for name, layer in named_miss_layers(model).items():
+        if id(layer) not in stacked:
+            raise ValueError(f"layer {name!r} has MiSS adapters but no stack (adapted after stack_adapters?), so it "
+                             "would give every row its active adapter; call miss_compile.stack_adapters(model) again")
+
+
 @torch.compiler.disable
 def _select_adapters(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Forward pre-hook: pops adapter_names / adapter_ids and sets the ids on every stacked layer."""
+    """Forward pre-hook: pops adapter_names / adapter_ids, checks them and sets the ids on every stacked layer."""
     names, ids = kwargs.pop("adapter_names", None), kwargs.pop("adapter_ids", None)
     if names is not None and ids is not None:
         raise ValueError("pass adapter_names or adapter_ids, not both")
     layers = stacked_layers(model)
-    if names is not None:
-        ids = adapter_ids_for(model, names, device=layers[0].miss_stack.device)
+    if names is not None or ids is not None:
+        _check_every_layer_stacked(model, layers)
+        ids = adapter_ids_for(model, names) if names is not None else ids
+        ids = _check_ids(model, ids, layers)
     for layer in layers:
         layer.adapter_ids = ids
     return args, kwargs
+
+
+@torch.compiler.disable
+def _clear_adapters(model: nn.Module, args: tuple, output: Any) -> None:
+    """Forward hook (always called, errors included): a later call of a submodule alone must not
+    reuse this call's per-row adapters."""
+    for layer in stacked_layers(model):
+        layer.adapter_ids = None

@@ -168,7 +168,12 @@ def test_op_opcheck_and_refusals():
         stacked_linear(x, torch.tensor([0, 3]), weight, None, stack)
     with pytest.raises(RuntimeError, match=r"adapter_ids \(3,\) must hold one id per batch row of x \(2, 3, 8\)"):
         stacked_linear(x, torch.tensor([0, 1, 2]), weight, None, stack)
-    with pytest.raises(RuntimeError, match=r"\['stack'\] require grad, but adapter stacks are for inference"):
+    with pytest.raises(RuntimeError, match=r"adapter_ids must be int64 or int32, got torch.bool"):
+        stacked_linear(x, torch.tensor([True, False]), weight, None, stack)
+    empty = stacked_linear(x[:0], ids[:0], weight, None, stack)
+    assert empty.shape == (0, 3, 6)
+    with pytest.raises(RuntimeError, match=r"\['stack'\] require grad, but adapter stacks are for inference.*"
+                                           r"torch.no_grad\(\) or torch.inference_mode\(\)"):
         stacked_linear(x, ids, weight, None, stack.requires_grad_())
 
 
@@ -194,6 +199,54 @@ def test_selection_errors_are_named(stacked):
         mixed(model, ids, adapter_names=MIX, adapter_ids=torch.zeros(len(MIX), dtype=torch.int64))
     with pytest.raises(ValueError, match="has no adapter stacks; call miss_compile.stack_adapters"):
         adapter_ids_for(adapted(["a"]), ["a"])
+    with pytest.raises(TypeError, match=r"adapter_names='a' is one string; pass one name per batch row"):
+        adapter_ids_for(model, "a")
+
+
+@pytest.mark.parametrize("ids,error,message", [
+    ([0, 1, 0, 1, 0], TypeError, r"adapter_ids must be a tensor, got list; build it with miss_compile.adapter_ids_for"),
+    (torch.ones(5, dtype=torch.bool), ValueError, r"1-D int64 \(or int32\) tensor, one id per batch row; got torch.bool"),
+    (torch.ones(5, dtype=torch.uint8), ValueError, r"got torch.uint8 of shape \(5,\)"),
+    (torch.tensor([0, -2, 0, 0, 0]), ValueError, r"ids run from 0 to 2 over the stack \['a', 'b', 'c'\], and -1"),
+    (torch.tensor([0, 3, 0, 0, 0]), ValueError, r"adapter_ids \[0, 3, 0, 0, 0\]: ids run from 0 to 2"),
+    (torch.tensor([0, 1]), ValueError, r"adapter_ids hold 2 ids, but the input \(5, 7, 32\) of this layer .* has batch 5"),
+], ids=["list", "bool", "uint8", "minus-two", "past-the-end", "length"])
+def test_ids_a_stacked_forward_cannot_serve_exactly_are_refused(stacked, ids, error, message):
+    model, input_ids_, _ = stacked
+    with pytest.raises(error, match=message):
+        mixed(model, input_ids_, adapter_ids=ids)
+    assert all(layer.adapter_ids is None for layer in named_miss_layers(model).values())  # cleared after errors too
+
+
+def test_ids_do_not_outlive_the_call_that_set_them(stacked):
+    """A later call of a submodule alone (model.model) runs the active adapter, not the last call's mix."""
+    model, ids, expected = stacked
+    set_active_adapters(model, "a")
+    mixed(model, ids, adapter_names=MIX)
+    assert all(layer.adapter_ids is None for layer in named_miss_layers(model).values())
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids[2:3], use_cache=False).last_hidden_state
+        torch.testing.assert_close(model.lm_head(hidden), expected[2:3], atol=1e-5, rtol=1e-5)
+
+
+def test_a_layer_without_any_stacked_adapter_gives_the_base_output_for_every_id():
+    """Stacking only "c" (q/v): the other layers hold zero stacks, where they used to refuse."""
+    model = stack_adapters(adapted(["a", "c"]), ["c"])
+    ids = input_ids(3, 5)
+    layers = named_miss_layers(model)
+    assert not layers["model.layers.0.mlp.up_proj"].miss_stack.any()
+    names = ["c", None, "c"]
+    torch.testing.assert_close(mixed(model, ids, adapter_names=names), rows_alone(model, ids, names),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_a_layer_adapted_after_stacking_is_refused_not_served_its_active_adapter():
+    model = stack_adapters(adapted(["c"]))  # q_proj, v_proj
+    apply_miss(model, MissConfig(r=2, target_modules=["up_proj"]), "late")
+    with pytest.raises(ValueError, match=r"layer 'model.layers.0.mlp.up_proj' has MiSS adapters but no stack"):
+        mixed(model, input_ids(2, 5), adapter_names=["a", None])
+    with pytest.raises(ValueError, match=r"stack rank 0 must be a positive int"):
+        stack_adapters(model, rank=0)
 
 
 def test_peft_model_with_several_adapters_matches_peft_row_by_row():
@@ -264,6 +317,8 @@ def test_onnx_mixed_batch_equals_rows_with_dynamic_batch(stacked, stacked_export
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
     (single,) = session.run({"input_ids": ids[:1], "adapter_ids": by_id[:1]})[:1]
     torch.testing.assert_close(single, expected[:1], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"adapter_ids \[-2\]: ids run from 0 .* and -1 means no adapter"):
+        session.run({"input_ids": ids[:1], "adapter_ids": torch.tensor([-2])})
 
 
 @pytest.mark.slow
