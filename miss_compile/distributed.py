@@ -70,7 +70,8 @@ def trainable_blocks(model: nn.Module) -> list[nn.Parameter]:
     if others:
         raise ValueError(
             f"trainable parameters that are not MiSS blocks: {others[:5]}{' ...' if len(others) > 5 else ''}; "
-            "freeze them (apply_miss and PEFT do) or give them to the optimizer yourself"
+            "freeze them (requires_grad_(False); apply_miss and PEFT do): wrap_ddp and shard_fsdp2 reduce "
+            "MiSS blocks only"
         )
     if not params:
         raise ValueError(f"{type(model).__name__} has no trainable MiSS block; add one with apply_miss or load_adapter")
@@ -151,18 +152,29 @@ def save_adapter_distributed(model: nn.Module, directory: str | os.PathLike, ada
     inner = _unwrap(model)
     blocks = gather_adapter(inner, adapter_name)
     directory = Path(directory)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if not dist.is_initialized():
         write_adapter(directory, blocks, _config_of(_layers_with(inner, adapter_name), adapter_name))
-        logger.info("saved adapter %r (%d blocks) to %s", adapter_name, len(blocks), directory)
-    if dist.is_initialized():
-        dist.barrier()
+        return directory
+    failure = [None]
+    if dist.get_rank() == 0:
+        try:
+            write_adapter(directory, blocks, _config_of(_layers_with(inner, adapter_name), adapter_name))
+            logger.info("saved adapter %r (%d blocks) to %s", adapter_name, len(blocks), directory)
+        except Exception as error:  # every rank must learn it, or the others wait out the group's timeout
+            failure = [f"{type(error).__name__}: {error}"]
+            dist.broadcast_object_list(failure, src=0)
+            raise
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise RuntimeError(f"rank 0 could not save adapter {adapter_name!r} to {directory}: {failure[0]}")
     return directory
 
 
-def load_adapter_sharded(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
+def load_adapter_sharded(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
+                         check_finite: bool = False) -> nn.Module:
     """load_adapter for a model already wrapped by DDP or sharded by FSDP2 that carries `adapter_name`:
     every rank reads the folder and keeps its own shard of each block (no communication). The checks
-    are load_adapter's, all made before any block is written."""
+    are load_adapter's (check_finite too), all made before any block is written."""
     from torch.distributed.tensor import distribute_tensor
 
     inner = _unwrap(model)
@@ -173,7 +185,7 @@ def load_adapter_sharded(model: nn.Module, directory: str | os.PathLike, adapter
             "model cannot grow one: load_adapter (or PeftModel.from_pretrained) before wrapping"
         )
     config, blocks = read_adapter(directory)
-    _check_blocks(layers, blocks, config, adapter_name, False, directory)
+    _check_blocks(layers, blocks, config, adapter_name, check_finite, directory)
     with torch.no_grad():
         for name, layer in layers.items():
             target = layer.miss_block[adapter_name]

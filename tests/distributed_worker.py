@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from miss_compile import miss_backend
+from miss_compile.distributed import save_adapter_distributed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
@@ -72,8 +73,22 @@ def main(out: Path) -> None:
                 rows = [{"rewritten": [item.source for item in report.rewritten], "skipped": report.skipped}
                         for report in reports]
                 (config.out / "reports.json").write_text(json.dumps(rows) + "\n")
+        _save_that_fails(train_model, out)
     finally:
         dist.destroy_process_group()
+
+
+def _save_that_fails(model: torch.nn.Module, out: Path) -> None:
+    """Rank 0 cannot write (the folder is a file): every rank must raise at once, none wait at a barrier."""
+    target = out / "a_file_not_a_folder"
+    if dist.get_rank() == 0:
+        target.write_text("")
+    try:
+        save_adapter_distributed(model, target)
+        outcome = "saved"
+    except Exception as error:  # what each rank saw, for the test to read
+        outcome = f"{type(error).__name__}: {error}"
+    (out / f"save_failure_rank{dist.get_rank()}.txt").write_text(outcome)
 
 
 if __name__ == "__main__":

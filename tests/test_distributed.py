@@ -136,6 +136,14 @@ def test_saved_adapter_loads_in_peft(runs, phase):
 # --- refusals, before any process group is needed
 
 
+def test_a_failed_save_on_rank_0_raises_on_every_rank(runs):
+    rank0 = (runs / "save_failure_rank0.txt").read_text()
+    rank1 = (runs / "save_failure_rank1.txt").read_text()
+    assert rank0.startswith("NotADirectoryError: cannot save the adapter to"), rank0
+    assert rank1.startswith("RuntimeError: rank 0 could not save adapter 'default'"), rank1
+    assert "NotADirectoryError" in rank1
+
+
 def test_a_trainable_base_weight_is_named():
     model = apply_miss(build("llama"), MissConfig(r=4, target_modules=["q_proj"]))
     model.model.norm.weight.requires_grad_(True)
