@@ -12,6 +12,8 @@ from miss_compile.timing import interleaved_ms
 
 from .models import DTYPES, OneLinear, peft_lora, peft_miss
 
+FROZEN_LIMIT = "limit: compiled base, frozen (for merged)"
+
 
 def _contenders(features: int, r: int, dtype: torch.dtype, fp32_adapters: bool) -> dict[str, tuple[nn.Module, object]]:
     """name -> (eager module, backend); backend None means eager, "inductor" stock torch.compile."""
@@ -24,6 +26,9 @@ def _contenders(features: int, r: int, dtype: torch.dtype, fp32_adapters: bool) 
     lora = peft_lora(base, r // 2, targets, fp32_adapters).eval()  # r/2: same trainable parameters
     return {
         "limit: compiled base": (base, "inductor"),
+        # Merged models compile under freezing, where Inductor may pick other GEMM kernels (packed
+        # weights): their limit is the base compiled the same way.
+        FROZEN_LIMIT: (copy.deepcopy(base).requires_grad_(False), "inductor"),
         "miss_backend": (balance, make_backend()),
         "miss_backend merged": (frozen, make_backend(merge=True)),
         "PEFT MiSS eager": (balance, None),
@@ -36,11 +41,11 @@ def _contenders(features: int, r: int, dtype: torch.dtype, fp32_adapters: bool) 
     }
 
 
-def _compiled(module: nn.Module, backend: object) -> nn.Module:
+def _compiled(name: str, module: nn.Module, backend: object) -> nn.Module:
     if backend is None:
         return module
     compiled = torch.compile(module, backend=backend, dynamic=False, fullgraph=True)
-    if getattr(backend, "__name__", "") != "miss_backend_merged":
+    if getattr(backend, "__name__", "") != "miss_backend_merged" and name != FROZEN_LIMIT:
         return compiled
 
     traced: set[torch.Size] = set()
@@ -70,7 +75,7 @@ def run(quick: bool, device: str, repeats: int, dtypes: list[str] | None = None)
         torch._dynamo.reset()
         contenders = {name: (module.to(device), backend)
                       for name, (module, backend) in _contenders(features, r, dtype, fp32_adapters).items()}
-        runners = {name: _compiled(module, backend) for name, (module, backend) in contenders.items()}
+        runners = {name: _compiled(name, module, backend) for name, (module, backend) in contenders.items()}
         for input_name, (batch, tokens) in inputs.items():
             x = torch.randn(batch, tokens, features, dtype=dtype, device=device)
             with torch.no_grad():
