@@ -9,6 +9,7 @@ import re
 import pytest
 
 from benchmarks.__main__ import main
+from benchmarks.across import across
 
 pytestmark = pytest.mark.slow
 
@@ -28,3 +29,8 @@ def test_quick_run_fills_every_table(tmp_path):
     assert len(times) > 30 and all(ms > 0 for ms in times)
     targets = text.split("## targets")[1]
     assert targets.count("| yes |") + targets.count("| **no** |") >= 10
+    # the same report twice: every row's median is its one ratio, over 2 runs
+    summary = across([text, text])
+    ours = re.search(r"^\| miss_backend \| ([0-9.]+) \| ([0-9.]+) - ([0-9.]+) \| 2 \|$", summary, flags=re.MULTILINE)
+    assert ours and ours.group(1) == ours.group(2) == ours.group(3)
+    assert "| miss_backend merged / frozen limit |" in summary
