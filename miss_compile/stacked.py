@@ -193,12 +193,14 @@ def _select_adapters(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
         ids = _check_ids(model, ids, layers)
     for layer in layers:
         layer.adapter_ids = ids
+    model._miss_layers_given_ids = layers if ids is not None else []
     return args, kwargs
 
 
 @torch.compiler.disable
 def _clear_adapters(model: nn.Module, args: tuple, output: Any) -> None:
     """Forward hook (always called, errors included): a later call of a submodule alone must not
-    reuse this call's per-row adapters."""
-    for layer in stacked_layers(model):
+    reuse this call's per-row adapters. Only the layers this call gave ids: no walk over the model."""
+    for layer in getattr(model, "_miss_layers_given_ids", ()):
         layer.adapter_ids = None
+    model._miss_layers_given_ids = []
