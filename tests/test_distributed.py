@@ -168,3 +168,15 @@ def test_sharded_load_checks_like_load_adapter(tmp_path):
     other = apply_miss(build("llama"), MissConfig(r=8, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=r"shape \(4, 32\) in the file, \(8, 32\) in the model"):
         load_adapter_sharded(other, tmp_path)
+
+
+def test_sharded_load_refuses_non_finite_blocks_when_asked(tmp_path):
+    source = apply_miss(build("llama"), MissConfig(r=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        next(iter(source.model.layers[0].self_attn.q_proj.miss_block.values()))[0, 0] = float("nan")
+    save_adapter(source, tmp_path)
+    target = apply_miss(build("llama"), MissConfig(r=4, target_modules=["q_proj"]))
+    before = [p.detach().clone() for p in target.parameters()]
+    with pytest.raises(ValueError, match=r"NaN or Inf"):
+        load_adapter_sharded(target, tmp_path, check_finite=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, target.parameters(), strict=True))
