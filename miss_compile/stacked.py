@@ -92,9 +92,12 @@ def _check_rank(rank: int | None) -> None:
         raise ValueError(f"stack rank {rank!r} must be a positive int, or None for each layer's least common multiple")
 
 
+def _is_stacked(layer: nn.Module) -> bool:
+    return isinstance(layer, MissLinear) and layer.miss_stack is not None
+
+
 def stacked_layers(model: nn.Module) -> list[MissLinear]:
-    return [layer for layer in named_miss_layers(model).values()
-            if isinstance(layer, MissLinear) and layer.miss_stack is not None]
+    return [layer for layer in named_miss_layers(model).values() if _is_stacked(layer)]
 
 
 def stack_adapters(model: nn.Module, adapter_names: Sequence[str] | None = None, rank: int | None = None) -> nn.Module:
@@ -172,23 +175,19 @@ def _check_ids(model: nn.Module, ids: Any, layers: list[MissLinear]) -> torch.Te
     return ids.to(device=layers[0].miss_stack.device, dtype=torch.int64)
 
 
-def _check_every_layer_stacked(model: nn.Module, layers: list[MissLinear]) -> None:
-    stacked = {id(layer) for layer in layers}
-    for name, layer in named_miss_layers(model).items():
-        if id(layer) not in stacked:
-            raise ValueError(f"layer {name!r} has MiSS adapters but no stack (adapted after stack_adapters?), so it "
-                             "would give every row its active adapter; call miss_compile.stack_adapters(model) again")
-
-
 @torch.compiler.disable
 def _select_adapters(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Forward pre-hook: pops adapter_names / adapter_ids, checks them and sets the ids on every stacked layer."""
     names, ids = kwargs.pop("adapter_names", None), kwargs.pop("adapter_ids", None)
     if names is not None and ids is not None:
         raise ValueError("pass adapter_names or adapter_ids, not both")
-    layers = stacked_layers(model)
+    every = named_miss_layers(model)  # one walk over the model per call
+    layers = [layer for layer in every.values() if _is_stacked(layer)]
     if names is not None or ids is not None:
-        _check_every_layer_stacked(model, layers)
+        unstacked = [name for name, layer in every.items() if not _is_stacked(layer)]
+        if unstacked:
+            raise ValueError(f"layer {unstacked[0]!r} has MiSS adapters but no stack (adapted after stack_adapters?), "
+                             "so it would give every row its active adapter; call miss_compile.stack_adapters(model) again")
         ids = adapter_ids_for(model, names) if names is not None else ids
         ids = _check_ids(model, ids, layers)
     for layer in layers:
