@@ -1,7 +1,9 @@
 """PEFT-format MiSS checkpoints: adapter_config.json + adapter_model.safetensors.
 
 Keys are PEFT's, adapter name dropped: `base_model.model.<module>.miss_block`, where <module> is
-the layer's name under the transformers model. Files are written atomically (temp file + rename).
+the layer's name under the transformers model, and `base_model.model.<module>.<param>` for the
+adapter's modules_to_save copies (a classifier head: `base_model.model.score.weight`). Files are
+written atomically (temp file + rename).
 """
 
 from __future__ import annotations
@@ -11,18 +13,38 @@ import logging
 import os
 import pickle
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .adapter_settings import check_consistent
 from .config import MissConfig
 from .files import stage_beside
 from .inject import apply_miss
-from .peft_compat import adapter_variant, named_miss_layers, peft_tuner
+from .peft_compat import adapter_variant, model_root, named_miss_layers, peft_tuner
+from .saved_modules import (
+    SavedModule,
+    saved_module_wrappers,
+    saved_targets,
+    saved_tensors,
+    wrap_modules_to_save,
+)
 
-__all__ = ["save_adapter", "load_adapter", "read_adapter", "write_adapter"]
+__all__ = [
+    "save_adapter",
+    "load_adapter",
+    "read_adapter",
+    "read_checkpoint",
+    "write_adapter",
+    "AdapterCheckpoint",
+    "layers_with",
+    "config_of",
+    "check_blocks",
+    "check_saved_modules",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,22 +65,42 @@ def _layer_name(key: str) -> str | None:
     return None
 
 
-def _layers_with(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
+@dataclass
+class AdapterCheckpoint:
+    """A PEFT-format MiSS adapter folder as read: blocks by layer name, and the modules_to_save
+    tensors by `<module>.<param>` (the checkpoint key less `base_model.model.`)."""
+
+    config: MissConfig
+    blocks: dict[str, torch.Tensor]
+    saved: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def layers_with(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
     return {name: layer for name, layer in named_miss_layers(model).items() if adapter_name in layer.miss_block}
 
 
-def _config_of(layers: dict[str, nn.Module], adapter_name: str) -> MissConfig:
-    """The config that re-creates `adapter_name` on exactly these layers."""
-    layer = next(iter(layers.values()))
-    variant = adapter_variant(layer, adapter_name)
-    dropout = layer.miss_dropout[adapter_name]
+def config_of(layers: dict[str, nn.Module], adapter_name: str, modules_to_save: list[str] | None = None) -> MissConfig:
+    """The config that re-creates `adapter_name` on exactly these layers; refuses an adapter whose
+    layers disagree (one r, mini_r, dropout and variant per checkpoint)."""
+    settings = check_consistent(layers, adapter_name)
     return MissConfig(
-        r=layer.miss_r[adapter_name],
-        variant=variant,
-        mini_r=layer.miss_mini_r[adapter_name],
-        dropout=float(getattr(dropout, "p", 0.0)),
+        r=settings.r,
+        variant=settings.variant,
+        mini_r=settings.mini_r,
+        dropout=settings.dropout,
         target_modules=sorted(layers),
+        modules_to_save=modules_to_save,
     )
+
+
+def modules_to_save_of(model: nn.Module, adapter_name: str) -> list[str] | None:
+    """The modules_to_save entries to write for `adapter_name`: PEFT's own list on a PEFT model,
+    else the names of the modules holding a copy for it."""
+    tuner = peft_tuner(model)
+    names = sorted(n for n, w in saved_module_wrappers(model_root(model)).items() if adapter_name in w.modules_to_save)
+    if tuner is not None and names and tuner.peft_config[adapter_name].modules_to_save:
+        return list(tuner.peft_config[adapter_name].modules_to_save)
+    return names or None
 
 
 def _atomic_write(files: dict[Path, Callable[[str], object]]) -> None:
@@ -96,20 +138,33 @@ def _writable_folder(directory: Path) -> Path:
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
     """Write `adapter_name` in PEFT's layout; PEFT's `PeftModel.from_pretrained` reads it as is."""
-    layers = _layers_with(model, adapter_name)
+    layers = layers_with(model, adapter_name)
     if not layers:
         raise ValueError(f"no layer carries an adapter named {adapter_name!r}; nothing to save")
     merged = [name for name, layer in layers.items() if adapter_name in layer.merged_adapters]
     if merged:
         logger.info("saving %r while merged into %d layers; blocks are saved as they are", adapter_name, len(merged))
+    config = config_of(layers, adapter_name, modules_to_save_of(model, adapter_name))
     blocks = {name: layer.miss_block[adapter_name] for name, layer in layers.items()}
-    return write_adapter(directory, blocks, _config_of(layers, adapter_name))
+    return write_adapter(directory, blocks, config, saved_tensors(model_root(model), adapter_name))
 
 
-def write_adapter(directory: str | os.PathLike, blocks: dict[str, torch.Tensor], config: MissConfig) -> Path:
-    """Write blocks (layer name -> block) and their config in PEFT's layout, each file atomically."""
+def write_adapter(
+    directory: str | os.PathLike,
+    blocks: dict[str, torch.Tensor],
+    config: MissConfig,
+    saved: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write blocks (layer name -> block), modules_to_save tensors (`<module>.<param>` -> tensor)
+    and their config in PEFT's layout, each file atomically."""
+    if bool(saved) != bool(config.modules_to_save):
+        raise ValueError(
+            f"modules_to_save={config.modules_to_save} in the config but {len(saved or {})} saved-module tensors: "
+            "pass both or neither (a checkpoint without the trained head would load wrong)"
+        )
     directory = _writable_folder(Path(directory))
     tensors = {_key(name): block.detach().cpu().contiguous() for name, block in blocks.items()}
+    tensors.update({KEY_PREFIX + key: value.detach().cpu().contiguous() for key, value in (saved or {}).items()})
     peft_config = config.to_peft_dict()
     _atomic_write({
         directory / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
@@ -119,7 +174,21 @@ def write_adapter(directory: str | os.PathLike, blocks: dict[str, torch.Tensor],
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[MissConfig, dict[str, torch.Tensor]]:
-    """The config and the blocks (layer name -> tensor) of a PEFT-format MiSS adapter folder."""
+    """The config and the blocks (layer name -> tensor) of a PEFT-format MiSS adapter folder; one
+    that also holds modules_to_save tensors is refused (blocks alone would load wrong): use
+    read_checkpoint for those."""
+    checkpoint = read_checkpoint(directory)
+    if checkpoint.saved:
+        raise ValueError(
+            f"{directory} also holds modules_to_save tensors {sorted(checkpoint.saved)[:4]} "
+            f"(modules_to_save={checkpoint.config.modules_to_save}), which the blocks alone would drop; "
+            "use miss_compile.load_adapter, or read_checkpoint for blocks and saved modules together"
+        )
+    return checkpoint.config, checkpoint.blocks
+
+
+def read_checkpoint(directory: str | os.PathLike) -> AdapterCheckpoint:
+    """The config, blocks and modules_to_save tensors of a PEFT-format MiSS adapter folder."""
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
@@ -134,10 +203,11 @@ def read_adapter(directory: str | os.PathLike) -> tuple[MissConfig, dict[str, to
         config = MissConfig.from_peft(fields)
     except ValueError as error:
         raise ValueError(f"{config_path}: {error}") from None
-    return config, _read_blocks(directory)
+    blocks, saved = _split_keys(directory, _read_tensors(directory), config)
+    return AdapterCheckpoint(config, blocks, saved)
 
 
-def _read_blocks(directory: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     weights_path = directory / WEIGHTS_NAME
     if weights_path.is_file():
         try:
@@ -150,18 +220,28 @@ def _read_blocks(directory: Path) -> dict[str, torch.Tensor]:
         state = _read_legacy(directory / LEGACY_WEIGHTS_NAME)
     else:
         raise FileNotFoundError(f"{weights_path} not found (nor {LEGACY_WEIGHTS_NAME}): the adapter has no weights")
-    blocks, unexpected = {}, []
+    return state
+
+
+def _split_keys(
+    directory: Path, state: dict[str, torch.Tensor], config: MissConfig
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(blocks by layer name, modules_to_save tensors by `<module>.<param>`); any other key is refused."""
+    blocks, saved, unexpected = {}, {}, []
     for key, tensor in state.items():
         name = _layer_name(key)
-        if name is None:
-            unexpected.append(key)
-        else:
+        if name is not None:
             blocks[name] = tensor
+        elif config.modules_to_save and key.startswith(KEY_PREFIX):
+            saved[key[len(KEY_PREFIX) :]] = tensor
+        else:
+            unexpected.append(key)
     if unexpected:
         raise ValueError(
-            f"{directory}: keys that are not MiSS blocks ({KEY_PREFIX}<module>{KEY_SUFFIX}): {sorted(unexpected)}"
+            f"{directory}: keys that are not MiSS blocks ({KEY_PREFIX}<module>{KEY_SUFFIX}) nor tensors of "
+            f"modules_to_save={config.modules_to_save}: {sorted(unexpected)}"
         )
-    return blocks
+    return blocks, saved
 
 
 def _read_legacy(path: Path) -> dict[str, torch.Tensor]:
@@ -194,32 +274,57 @@ def load_adapter(
 ) -> nn.Module:
     """Load a PEFT-format MiSS adapter into `model` as `adapter_name`; returns `model`.
 
-    Layers that lack the adapter get it from the checkpoint's config first. Shapes, variant and
-    key coverage are checked and every mismatch named before anything is written; on failure the
-    model is left exactly as it was.
+    Layers that lack the adapter get it from the checkpoint's config first, and modules_to_save
+    their trainable copy. Shapes, variant and key coverage are checked and every mismatch named
+    before anything is written (check_finite: in the dtype each tensor is stored in); on failure
+    the model is left exactly as it was.
     """
-    config, blocks = read_adapter(directory)
-    injected = not _layers_with(model, adapter_name)
+    checkpoint = read_checkpoint(directory)
+    config = checkpoint.config
+    injected = not layers_with(model, adapter_name)
     trainable = {param: param.requires_grad for param in model.parameters()}
     if injected:
         apply_miss(model, config, adapter_name)
+    unwrap = None
     try:
-        layers = _layers_with(model, adapter_name)
-        _check_blocks(layers, blocks, config, adapter_name, check_finite, directory)
+        unwrap = wrap_modules_to_save(model_root(model), config, adapter_name)
+        layers = layers_with(model, adapter_name)
+        check_blocks(layers, checkpoint.blocks, config, adapter_name, check_finite, directory)
+        targets = saved_targets(model_root(model), adapter_name)
+        check_saved_modules(targets, checkpoint.saved, adapter_name, check_finite, directory)
         with torch.no_grad():
             for name, layer in layers.items():
                 target = layer.miss_block[adapter_name]
-                target.copy_(blocks[name].to(device=target.device, dtype=target.dtype))
+                target.copy_(checkpoint.blocks[name].to(device=target.device, dtype=target.dtype))
+            for key, target in targets.items():
+                target.copy_(checkpoint.saved[key].to(device=target.device, dtype=target.dtype))
     except BaseException:
+        if unwrap is not None:
+            unwrap()
         if injected:
             _remove_adapter(model, adapter_name)
-            for param, flag in trainable.items():
-                param.requires_grad_(flag)
+        for param, flag in trainable.items():
+            param.requires_grad_(flag)
         raise
     return model
 
 
-def _check_blocks(
+def _finite_problem(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """Why `tensor` is not finite once stored as `dtype` (the file's values, or the cast), else None."""
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        return (f"{key}: holds NaN or Inf ({bad} of {tensor.numel()} values of {tuple(tensor.shape)}); "
+                "the checkpoint is damaged or diverged: re-save or re-download it")
+    cast = tensor.to(dtype)
+    if not torch.isfinite(cast).all():
+        bad = int((~torch.isfinite(cast)).sum())
+        return (f"{key}: {bad} of {tensor.numel()} values (largest {tensor.abs().max().item():.3g}) overflow the "
+                f"model's {dtype} (max {torch.finfo(dtype).max:.3g}) and would become Inf; load into a model whose "
+                "adapter is float32 or bfloat16, or fix the checkpoint")
+    return None
+
+
+def check_blocks(
     layers: dict[str, nn.Module],
     blocks: dict[str, torch.Tensor],
     config: MissConfig,
@@ -227,6 +332,7 @@ def _check_blocks(
     check_finite: bool,
     directory: str | os.PathLike,
 ) -> None:
+    """Every check of the blocks against the layers carrying `adapter_name`; all problems named at once."""
     problems = []
     missing = sorted(set(layers) - set(blocks))
     unexpected = sorted(set(blocks) - set(layers))
@@ -236,7 +342,8 @@ def _check_blocks(
         problems.append(f"blocks for layers without adapter {adapter_name!r}: {[_key(name) for name in unexpected]}")
     for name in sorted(set(layers) & set(blocks)):
         layer, block = layers[name], blocks[name]
-        expected = tuple(layer.miss_block[adapter_name].shape)
+        target = layer.miss_block[adapter_name]
+        expected = tuple(target.shape)
         if tuple(block.shape) != expected:
             problems.append(
                 f"{_key(name)}: shape {tuple(block.shape)} in the file, {expected} in the model "
@@ -251,15 +358,41 @@ def _check_blocks(
             problems.append(f"{name}: adapter {adapter_name!r} is merged; unmerge before loading new weights")
         if not block.is_floating_point():
             problems.append(f"{_key(name)}: dtype {block.dtype} is not floating point")
-        elif check_finite and not torch.isfinite(block).all():
-            bad = int((~torch.isfinite(block)).sum())
-            problems.append(
-                f"{_key(name)}: holds NaN or Inf ({bad} of {block.numel()} values of block {tuple(block.shape)}); "
-                "the checkpoint is damaged or diverged: re-save or re-download it"
-            )
+        elif check_finite and (problem := _finite_problem(_key(name), block, target.dtype)):
+            problems.append(problem)
     if problems:
         listing = "\n  ".join(problems)
         raise ValueError(f"cannot load adapter {adapter_name!r} from {directory}:\n  {listing}")
+
+
+def check_saved_modules(
+    targets: dict[str, torch.Tensor],
+    saved: dict[str, torch.Tensor],
+    adapter_name: str,
+    check_finite: bool,
+    directory: str | os.PathLike,
+) -> None:
+    """The modules_to_save tensors of a checkpoint against the model's copies for `adapter_name`
+    (`<module>.<param>` -> tensor, both): same keys, shapes, float-ness; all problems named at once."""
+    problems = []
+    missing = sorted(set(targets) - set(saved))
+    unexpected = sorted(set(saved) - set(targets))
+    if missing:
+        problems.append(f"the model trains modules_to_save tensors the file lacks: {[KEY_PREFIX + k for k in missing]}")
+    if unexpected:
+        problems.append(f"modules_to_save tensors for no module of the model that holds a copy for {adapter_name!r}: "
+                        f"{[KEY_PREFIX + k for k in unexpected]}")
+    for key in sorted(set(targets) & set(saved)):
+        target, tensor = targets[key], saved[key]
+        if tuple(tensor.shape) != tuple(target.shape):
+            problems.append(f"{KEY_PREFIX}{key}: shape {tuple(tensor.shape)} in the file, {tuple(target.shape)} in the model")
+        if tensor.is_floating_point() != target.is_floating_point():
+            problems.append(f"{KEY_PREFIX}{key}: dtype {tensor.dtype} in the file, {target.dtype} in the model")
+        elif check_finite and tensor.is_floating_point() and (problem := _finite_problem(KEY_PREFIX + key, tensor, target.dtype)):
+            problems.append(problem)
+    if problems:
+        listing = "\n  ".join(problems)
+        raise ValueError(f"cannot load adapter {adapter_name!r} (modules_to_save) from {directory}:\n  {listing}")
 
 
 def _remove_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -273,3 +406,7 @@ def _remove_adapter(model: nn.Module, adapter_name: str) -> None:
                 child.remove_adapter(adapter_name)
                 if not child.miss_block:  # we wrapped it for this adapter: put the plain layer back
                     setattr(parent, child_name, child.base_layer)
+            elif isinstance(child, SavedModule) and adapter_name in child.modules_to_save:
+                child.remove_adapter(adapter_name)
+                if not child.modules_to_save:
+                    setattr(parent, child_name, child.original_module)

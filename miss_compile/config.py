@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["MissConfig", "VARIANTS"]
+__all__ = ["MissConfig", "VARIANTS", "layer_index"]
 
 VARIANTS = ("balance", "bat", "mini")
 INITS = ("zeros", "random")
@@ -64,12 +64,22 @@ class MissConfig:
     target_modules: list[str] | str = ALL_LINEAR
     exclude_modules: list[str] | str | None = None
     init: Literal["zeros", "random"] = "zeros"
+    modules_to_save: list[str] | None = None
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
+        for field_name in ("modules_to_save", "layers_to_transform", "layers_pattern"):
+            value = getattr(self, field_name)
+            if isinstance(value, (set, tuple)):
+                value = list(value)
+            if value == [] or value == "":  # PEFT treats an empty list (or pattern) as not given
+                value = None
+            setattr(self, field_name, value)
         self.validate()
 
     def validate(self) -> None:
@@ -85,6 +95,8 @@ class MissConfig:
             raise ValueError(f"MissConfig.init must be one of {INITS}, got {self.init!r}")
         _check_module_selector("target_modules", self.target_modules, allow_none=False)
         _check_module_selector("exclude_modules", self.exclude_modules, allow_none=True)
+        _check_modules_to_save(self.modules_to_save)
+        _check_layer_selection(self.layers_to_transform, self.layers_pattern, self.target_modules)
 
     def check_layer(self, name: str, in_features: int, out_features: int) -> None:
         """The per-layer rules; raised at apply time with the layer's name and shape."""
@@ -112,13 +124,30 @@ class MissConfig:
     # --- module selection (PEFT's rules: exact name or ".suffix" for lists, fullmatch for regex)
 
     def is_excluded(self, name: str) -> bool:
-        return self.exclude_modules is not None and _selected(self.exclude_modules, name)
+        """exclude_modules, and (as PEFT) any module in or under one of modules_to_save: an adapter
+        inside a module that is trained and saved whole would be trained twice."""
+        if self.exclude_modules is not None and _selected(self.exclude_modules, name):
+            return True
+        return any(re.match(rf"(^|.*\.){key}($|\..*)", name) for key in self.modules_to_save or ())
 
     def selects(self, name: str) -> bool:
-        """Whether a module name is targeted by target_modules (not for "all-linear")."""
+        """Whether a module name is targeted by target_modules (not for "all-linear"), with PEFT's
+        `check_target_module_exists` rules: layers_to_transform filters suffix matches only."""
         if self.target_modules == ALL_LINEAR:
             raise ValueError("'all-linear' selects by module type, not by name")
-        return not self.is_excluded(name) and _selected(self.target_modules, name)
+        if self.is_excluded(name):
+            return False
+        if isinstance(self.target_modules, str):
+            return re.fullmatch(self.target_modules, name) is not None
+        if name in self.target_modules:
+            return True
+        if not any(name.endswith("." + key) for key in self.target_modules):
+            return False
+        if self.layers_to_transform is None:
+            return True
+        index = layer_index(name, self.layers_pattern)
+        wanted = self.layers_to_transform
+        return index is not None and (index == wanted if isinstance(wanted, int) else index in wanted)
 
     # --- PEFT conversions
 
@@ -138,9 +167,9 @@ class MissConfig:
             "target_modules": self.target_modules,
             "exclude_modules": self.exclude_modules,
             "bias": "none",
-            "modules_to_save": None,
-            "layers_to_transform": None,
-            "layers_pattern": None,
+            "modules_to_save": None if self.modules_to_save is None else list(self.modules_to_save),
+            "layers_to_transform": _copy(self.layers_to_transform),
+            "layers_pattern": _copy(self.layers_pattern),
         }
 
     def to_peft(self) -> Any:
@@ -161,13 +190,11 @@ class MissConfig:
         if peft_type != "MISS":
             raise ValueError(f"peft_type is {peft_type!r}, expected 'MISS': this is not a MiSS adapter")
         _check_peft_types(fields)
-        unsupported = {
-            key: fields[key]
-            for key in ("layers_to_transform", "layers_pattern", "modules_to_save", "target_parameters")
-            if fields.get(key)
-        }
-        if unsupported:
-            raise ValueError(f"PEFT MissConfig fields not supported yet: {unsupported}; use target_modules instead")
+        if fields.get("target_parameters") not in (None, []):  # [] is PEFT's "none" too; 0 or "" are not
+            raise ValueError(
+                f"PEFT MissConfig.target_parameters={fields['target_parameters']!r} is not supported; "
+                "target the modules with target_modules instead"
+            )
         if fields.get("bias", "none") != "none":
             raise ValueError(f"PEFT MissConfig.bias={fields['bias']!r} is not supported; only 'none'")
         unknown = sorted(set(fields) - PEFT_FIELDS)
@@ -191,6 +218,61 @@ class MissConfig:
             target_modules=target_modules,
             exclude_modules=fields.get("exclude_modules"),
             init=init,
+            modules_to_save=fields.get("modules_to_save"),
+            layers_to_transform=fields.get("layers_to_transform"),
+            layers_pattern=fields.get("layers_pattern"),
+        )
+
+
+def layer_index(name: str, layers_pattern: str | list[str] | None) -> int | None:
+    """The layer index in a module name, found as PEFT finds it: the first number after a
+    `<pattern>.` segment (any segment without a pattern), so `layers.1.experts.0.up` is layer 1."""
+    if layers_pattern is None:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match is not None:
+                break
+    return None if match is None else int(match.group("idx"))
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
+
+
+def _check_modules_to_save(value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise ValueError(f"MissConfig.modules_to_save must be a list of module names or None, got {value!r}")
+    for item in value:
+        try:
+            re.compile(item)  # PEFT matches them as regexes when it excludes them from target_modules
+        except re.error as error:
+            raise ValueError(f"MissConfig.modules_to_save entry {item!r} is not a valid regex ({error})") from None
+
+
+def _check_layer_selection(indices: object, pattern: object, target_modules: object) -> None:
+    def is_index(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if indices is not None and not (is_index(indices) or (isinstance(indices, list) and all(map(is_index, indices)))):
+        raise ValueError(
+            f"MissConfig.layers_to_transform must be a layer index >= 0, a list of them or None, got {indices!r}"
+        )
+    if pattern is not None and not (
+        isinstance(pattern, str) or (isinstance(pattern, list) and all(isinstance(p, str) and p for p in pattern))
+    ):
+        raise ValueError(f"MissConfig.layers_pattern must be a string, a list of strings or None, got {pattern!r}")
+    if isinstance(target_modules, str) and (indices is not None or pattern is not None):
+        # PEFT's MissConfig refuses this too: a regex or 'all-linear' already chooses the layers.
+        raise ValueError(
+            f"MissConfig.layers_to_transform / layers_pattern need target_modules as a list of module names, "
+            f"got target_modules={target_modules!r}; list the names (e.g. ['q_proj', 'v_proj']) or fold the "
+            "layer indices into the regex"
         )
 
 

@@ -32,7 +32,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from .backend import miss_backend
-from .checkpoint import _check_blocks, _config_of, _layers_with, read_adapter, write_adapter
+from .checkpoint import check_blocks, config_of, layers_with, read_adapter, write_adapter
 from .peft_compat import model_root
 
 __all__ = [
@@ -136,7 +136,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def gather_adapter(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """Full blocks (layer name -> CPU tensor) of a DDP, FSDP2 or plain model; every rank must call it
     (one all-gather per sharded block, in the same order everywhere)."""
-    layers = _layers_with(_unwrap(model), adapter_name)
+    layers = layers_with(_unwrap(model), adapter_name)
     if not layers:
         raise ValueError(f"no layer carries an adapter named {adapter_name!r}; nothing to gather")
     blocks = {}
@@ -153,12 +153,12 @@ def save_adapter_distributed(model: nn.Module, directory: str | os.PathLike, ada
     blocks = gather_adapter(inner, adapter_name)
     directory = Path(directory)
     if not dist.is_initialized():
-        write_adapter(directory, blocks, _config_of(_layers_with(inner, adapter_name), adapter_name))
+        write_adapter(directory, blocks, config_of(layers_with(inner, adapter_name), adapter_name))
         return directory
     failure = [None]
     if dist.get_rank() == 0:
         try:
-            write_adapter(directory, blocks, _config_of(_layers_with(inner, adapter_name), adapter_name))
+            write_adapter(directory, blocks, config_of(layers_with(inner, adapter_name), adapter_name))
             logger.info("saved adapter %r (%d blocks) to %s", adapter_name, len(blocks), directory)
         except Exception as error:  # every rank must learn it, or the others wait out the group's timeout
             failure = [f"{type(error).__name__}: {error}"]
@@ -178,14 +178,14 @@ def load_adapter_sharded(model: nn.Module, directory: str | os.PathLike, adapter
     from torch.distributed.tensor import distribute_tensor
 
     inner = _unwrap(model)
-    layers = _layers_with(inner, adapter_name)
+    layers = layers_with(inner, adapter_name)
     if not layers:
         raise ValueError(
             f"{type(inner).__name__} carries no adapter {adapter_name!r} to load into, and a wrapped or sharded "
             "model cannot grow one: load_adapter (or PeftModel.from_pretrained) before wrapping"
         )
     config, blocks = read_adapter(directory)
-    _check_blocks(layers, blocks, config, adapter_name, check_finite, directory)
+    check_blocks(layers, blocks, config, adapter_name, check_finite, directory)
     with torch.no_grad():
         for name, layer in layers.items():
             target = layer.miss_block[adapter_name]

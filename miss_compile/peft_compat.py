@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from .layer import MissLinear
+from .saved_modules import SavedModule, from_peft_wrapper, saved_module_wrappers
 
 __all__ = ["peft_tuner", "is_miss_layer", "adapter_variant", "named_miss_layers", "model_root", "from_peft"]
 
@@ -64,7 +65,8 @@ def named_miss_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def from_peft(model: nn.Module) -> nn.Module:
     """A copy of a PEFT MiSS model as the plain model with our MissLinear layers (same blocks,
-    variants, dropout, active adapters and merge state); other models are copied as they are."""
+    variants, dropout, active adapters and merge state) and our SavedModule for PEFT's
+    ModulesToSaveWrapper (the trained heads); other models are copied as they are."""
     tuner = peft_tuner(model)
     if tuner is None:
         return copy.deepcopy(model)
@@ -85,4 +87,8 @@ def from_peft(model: nn.Module) -> nn.Module:
         layer.train(peft_layer.training)
         parent_name, _, child_name = name.rpartition(".")
         setattr(converted.get_submodule(parent_name), child_name, layer)
+    for name, wrapper in saved_module_wrappers(converted).items():
+        if not isinstance(wrapper, SavedModule):
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(converted.get_submodule(parent_name), child_name, from_peft_wrapper(wrapper))
     return converted

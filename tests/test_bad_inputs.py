@@ -155,7 +155,11 @@ BAD_FIELDS = {
     "init_weights as a string": ({"init_weights": "true"}, r"init_weights must be True, False, 'bat' or 'mini', got 'true'"),
     "target_modules as a number": ({"target_modules": 5}, r"target_modules must be a list of module names.*got 5 \(int\)"),
     "inference_mode as a string": ({"inference_mode": "yes"}, r"inference_mode must be true or false, got 'yes'"),
-    "target_parameters set": ({"target_parameters": ["up.weight"]}, r"not supported yet: \{'target_parameters'"),
+    "target_parameters set": ({"target_parameters": ["up.weight"]}, r"target_parameters=\['up.weight'\] is not supported"),
+    "layers_to_transform with a regex": ({"target_modules": "up|down", "layers_to_transform": 0},
+                                         r"layers_to_transform / layers_pattern need target_modules as a list"),
+    "layers_to_transform as a string": ({"layers_to_transform": "0"}, r"layers_to_transform must be a list of layer "
+                                        r"indices, an index or null, got '0'"),
     "r negative": ({"r": -4}, r"MissConfig.r must be a positive integer, got -4"),
 }
 
@@ -166,6 +170,12 @@ def test_config_field_is_checked_by_type_and_range(saved, case):
     path = saved / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
     load_refused(saved, r"adapter_config.json: .*" + message)
+
+
+def test_modules_to_save_matching_nothing_is_refused(saved):
+    path = saved / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "modules_to_save": ["head"]}))
+    load_refused(saved, r"modules_to_save=\['head'\] matches no module of TwoLinears; the modules would not be trained")
 
 
 def test_several_wrong_types_are_named_together(saved):
