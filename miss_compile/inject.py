@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import defaultdict
 from collections.abc import Iterator
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 
 from . import reference
 from .config import ALL_LINEAR, MissConfig
-from .layer import MissLinear, base_features
+from .layer import MissLinear, base_features, has_untied_weight, retie_base_weight, untie_base_weight
 from .peft_compat import adapter_variant, is_miss_layer, model_root, named_miss_layers, peft_tuner
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "adapters_disabled",
     "merge_adapters",
     "unmerge_adapters",
+    "shared_base_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -123,6 +125,10 @@ def _apply_to_ours(
         for name, param in model.named_parameters():
             if ".miss_block." not in f".{name}":
                 param.requires_grad_(False)
+        shared = shared_base_weights(model)
+        for name, layer in named_miss_layers(model).items():
+            if isinstance(layer, MissLinear):
+                layer.base_weight_shared = name in shared
     except BaseException:
         for parent, child_name, original in replaced:
             setattr(parent, child_name, original)
@@ -154,6 +160,64 @@ def _apply_to_peft(
             tuner.delete_adapter(adapter_name)
         raise
     return model
+
+
+# --- weights that other modules read too (tied output heads)
+
+
+def _memory(tensor: torch.Tensor) -> tuple[tuple, int, int] | None:
+    """(storage, first byte, end byte) of a tensor's memory; None where that cannot be told (meta,
+    sparse, quantized, DTensor...). Views of one flat buffer that do not overlap are not sharing."""
+    try:
+        pointer = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    if not pointer or tensor.numel() == 0:
+        return None
+    span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
+    start = tensor.storage_offset() * tensor.element_size()
+    return (tensor.device, pointer), start, start + span * tensor.element_size()
+
+
+def shared_base_weights(model: nn.Module) -> dict[str, list[str]]:
+    """MiSS layer name -> every parameter or buffer name that reads its base weight, for the layers
+    whose base weight some other module reads too: the same Parameter under two names (a tied
+    lm_head and input embedding) or another tensor over the same memory. Merging into such a
+    weight in place would change those modules as well."""
+    holders: dict[int, list[str]] = defaultdict(list)
+    tensors: dict[int, torch.Tensor] = {}
+    root = model_root(model)
+    for name, tensor in [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]:
+        holders[id(tensor)].append(name)
+        tensors[id(tensor)] = tensor
+    by_storage: dict[tuple, list[tuple[int, int, list[str]]]] = defaultdict(list)
+    for key, tensor in tensors.items():
+        memory = _memory(tensor)
+        if memory is not None:
+            by_storage[memory[0]].append((memory[1], memory[2], holders[key]))
+    shared: dict[str, list[str]] = {}
+    for layer_name, layer in named_miss_layers(model).items():
+        weight = _base_weight_of(layer)
+        readers = set(holders[id(weight)])
+        memory = _memory(weight)
+        if memory is not None:
+            storage, start, end = memory
+            for other_start, other_end, names in by_storage[storage]:
+                if other_start < end and start < other_end:
+                    readers.update(names)
+        if len(readers) > 1:
+            shared[layer_name] = sorted(readers)
+    return shared
+
+
+def _base_weight_of(layer: nn.Module) -> torch.Tensor:
+    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer.base_layer
+    return base.weight
+
+
+def _to_merge(layer: nn.Module, adapter_names: list[str] | None) -> list[str]:
+    names = layer.active_adapters if adapter_names is None else adapter_names
+    return [name for name in names if name in layer.miss_block and name not in layer.merged_adapters]
 
 
 # --- choosing, disabling, merging
@@ -207,7 +271,14 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None) -> None:
-    """Fold adapters (default: the active ones) into the base weights, all layers or none."""
+    """Fold adapters (default: the active ones) into the base weights, all layers or none.
+
+    A base weight that other modules read too (a tied lm_head and input embedding) is never
+    written: that layer merges into its own copy (memory for one more weight) and unmerge_adapters
+    puts the shared weight back, bit for bit. PEFT writes W + dW into the shared weight (it warns).
+    While adapters are disabled the merge happens as in PEFT, and a forward before they are enabled
+    again unmerges first (the disabled output is the base model's).
+    """
     layers = _layers(model)
     for name, layer in layers.items():
         for adapter, block in layer.miss_block.items():
@@ -216,6 +287,8 @@ def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None) -> 
                     f"layer {name!r}: adapter {adapter!r} block {tuple(block.shape)} holds NaN or Inf; "
                     "refusing to merge. Reload the adapter."
                 )
+    shared = shared_base_weights(model)
+    _log_untied(layers, shared, adapter_names)
     # A failure part-way puts back the exact weights of the layers already merged (unmerging would
     # round them); the copies are kept on the CPU until every layer is done.
     done: list[tuple[nn.Module, torch.Tensor, list[str]]] = []
@@ -223,26 +296,48 @@ def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None) -> 
     try:
         for layer_name, layer in layers.items():
             failing = layer_name
-            weight = layer.base_layer.weight
+            weight = _base_weight_of(layer)
+            untie = layer_name in shared and bool(_to_merge(layer, adapter_names))
             done.append((layer, weight.detach().to("cpu", copy=True), list(layer.merged_adapters)))
             if isinstance(layer, MissLinear):
-                layer.merge(adapter_names)
+                layer.base_weight_shared = layer_name in shared or has_untied_weight(layer)
+                layer.merge(adapter_names, untie=untie)
             else:
+                if untie:
+                    untie_base_weight(layer)  # PEFT's merge then writes into the copy
                 layer.merge(safe_merge=True, adapter_names=adapter_names)
     except BaseException as error:
         with torch.no_grad():
             for layer, weight, merged in done:
-                layer.base_layer.weight.copy_(weight)
+                if not retie_base_weight(layer):
+                    _base_weight_of(layer).copy_(weight)
                 layer.merged_adapters[:] = merged
         if isinstance(error, ValueError):
             raise ValueError(f"layer {failing!r}: {error}; no layer was merged") from None
         raise
 
 
+def _log_untied(layers: dict[str, nn.Module], shared: dict[str, list[str]], adapter_names: list[str] | None) -> None:
+    for name, layer in layers.items():
+        if name in shared and _to_merge(layer, adapter_names):
+            weight = _base_weight_of(layer)
+            logger.warning(
+                "layer %r: its weight %s is read by %s; merging into the layer's own copy (%.1f MB more) so "
+                "the others keep theirs; unmerge_adapters re-ties them", name, tuple(weight.shape),
+                ", ".join(shared[name]), weight.numel() * weight.element_size() / 1e6)
+    disabled = [name for name, layer in layers.items() if layer.disable_adapters and _to_merge(layer, adapter_names)]
+    if disabled:
+        logger.warning("merging while adapters are disabled on %d layers (%s...): the merge shows once they are "
+                       "enabled again; a forward before that unmerges them first, as PEFT does",
+                       len(disabled), disabled[0])
+
+
 def unmerge_adapters(model: nn.Module) -> None:
     """Restore every base weight; checks every bat inverse first, so it is all layers or none."""
     layers = _layers(model)
     for name, layer in layers.items():
+        if has_untied_weight(layer):
+            continue  # merged into its own copy: un-merging puts the shared weight back, no inverse
         for adapter in layer.merged_adapters:
             if adapter_variant(layer, adapter) == "bat":
                 try:
@@ -250,5 +345,10 @@ def unmerge_adapters(model: nn.Module) -> None:
                 except ValueError as error:
                     raise ValueError(f"layer {name!r}, adapter {adapter!r}: {error}") from None
     for layer in layers.values():
-        if layer.merged:
+        if isinstance(layer, MissLinear):
+            if layer.merged:
+                layer.unmerge()
+        elif retie_base_weight(layer):
+            layer.merged_adapters.clear()
+        elif layer.merged:
             layer.unmerge()

@@ -17,7 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from . import ops, reference
 from .config import MissConfig
 
-__all__ = ["MissLinear", "base_features"]
+__all__ = ["MissLinear", "base_features", "untie_base_weight", "retie_base_weight", "has_untied_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,51 @@ def base_features(module: nn.Module) -> tuple[int, int] | None:
         in_features, out_features = module.weight.shape  # Conv1D stores [in, out]
         return in_features, out_features
     return None
+
+
+# Where untie_base_weight keeps the shared Parameter of a layer merged into its own copy. Set with
+# object.__setattr__ so that it is no registered parameter: not in state_dict, not trained, not
+# exported; deepcopy keeps it the same object as the module that still holds it.
+_TIED_WEIGHT = "miss_tied_weight"
+
+
+def _base_layer(layer: nn.Module) -> nn.Module:
+    return layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer.base_layer
+
+
+def untie_base_weight(layer: nn.Module) -> None:
+    """Give `layer`'s base layer (ours or PEFT's) its own copy of a weight that other modules also
+    read, so that a merge writes W + dW there only; retie_base_weight puts the shared one back."""
+    if has_untied_weight(layer):
+        return  # already its own copy
+    base = _base_layer(layer)
+    shared = base.weight
+    base.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+    object.__setattr__(layer, _TIED_WEIGHT, shared)
+
+
+def has_untied_weight(layer: nn.Module) -> bool:
+    """Whether `layer` merged into its own copy of a shared weight (unmerging re-ties, no inverse)."""
+    return getattr(layer, _TIED_WEIGHT, None) is not None
+
+
+def retie_base_weight(layer: nn.Module) -> bool:
+    """Put back the shared weight untie_base_weight kept, exactly; False when there is none (or it no
+    longer fits the layer: then the caller unmerges its own copy arithmetically)."""
+    shared = getattr(layer, _TIED_WEIGHT, None)
+    if shared is None:
+        return False
+    object.__setattr__(layer, _TIED_WEIGHT, None)
+    base = _base_layer(layer)
+    own = base.weight
+    if (shared.shape, shared.dtype, shared.device) != (own.shape, own.dtype, own.device):
+        # The model was moved or cast while merged and the kept Parameter was not (a new object).
+        logger.warning("the weight shared with this layer became %s %s %s while merged (kept: %s %s %s); "
+                       "unmerging into the layer's own copy instead of re-tying",
+                       tuple(own.shape), own.dtype, own.device, tuple(shared.shape), shared.dtype, shared.device)
+        return False
+    base.weight = shared
+    return True
 
 
 class MissLinear(nn.Module):
@@ -48,6 +93,10 @@ class MissLinear(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
+        # Set by apply_miss / merge_adapters when another module reads the base weight too (a tied
+        # output head): merging then goes into an untied copy (untie_base_weight).
+        self.base_weight_shared = False
+        object.__setattr__(self, _TIED_WEIGHT, None)
         # Many adapters in one batch (miss_compile.stacked): blocks stacked [n + 1, r, out], the last
         # one zeros ("no adapter"), and the ids of the current call, one per batch row.
         self.register_buffer("miss_stack", None, persistent=False)
@@ -113,13 +162,18 @@ class MissLinear(nn.Module):
 
     @torch.no_grad()
     def _write_base_weight(self, weight: torch.Tensor) -> None:
-        # In place: optimizers, tied weights and compiled graphs keep the same Parameter.
+        # In place: optimizers and compiled graphs keep the same Parameter. A weight other modules
+        # read too is untied first (merge), so this never writes into theirs.
         self.base_weight().copy_(weight)
 
     # --- merge
 
-    def merge(self, adapter_names: list[str] | None = None) -> None:
-        """Fold adapters (default: the active ones) into the base weight, in order."""
+    def merge(self, adapter_names: list[str] | None = None, untie: bool | None = None) -> None:
+        """Fold adapters (default: the active ones) into the base weight, in order.
+
+        untie: merge into the layer's own copy of the base weight, because other modules read it
+        (default: `base_weight_shared`, which apply_miss and merge_adapters set); unmerge re-ties.
+        """
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         names = [name for name in names if name in self.miss_block and name not in self.merged_adapters]
         weight = self.base_weight().detach()
@@ -130,11 +184,17 @@ class MissLinear(nn.Module):
             weight = reference.merged_weight(weight, block, self.miss_variant[name])
         if not torch.isfinite(weight).all():
             raise ValueError(f"merging {names} gives NaN or Inf in the weight {tuple(weight.shape)}; base weight unchanged")
+        if names and (self.base_weight_shared if untie is None else untie):
+            untie_base_weight(self)
         self._write_base_weight(weight)
         self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
-        """Restore the base weight; all or nothing (bat refuses when its inverse is ill-conditioned)."""
+        """Restore the base weight; all or nothing (bat refuses when its inverse is ill-conditioned).
+        A weight merged into an untied copy gets its shared Parameter back, bit for bit."""
+        if retie_base_weight(self):
+            self.merged_adapters = []
+            return
         weight = self.base_weight().detach()
         for name in reversed(self.merged_adapters):
             weight = reference.unmerged_weight(weight, self.miss_block[name].detach(), self.miss_variant[name])
@@ -143,7 +203,16 @@ class MissLinear(nn.Module):
 
     # --- forward
 
+    @torch.compiler.disable
+    def _unmerge_while_disabled(self) -> None:
+        # Merged while disabled: the weight holds W + dW but the output must be the base one. PEFT
+        # unmerges here too; run eagerly (a graph break), never traced as a weight mutation.
+        logger.info("adapters are disabled: unmerging %s before the forward", self.merged_adapters)
+        self.unmerge()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disable_adapters and self.merged:
+            self._unmerge_while_disabled()
         if self.adapter_ids is not None and not self.disable_adapters:
             return self._stacked_forward(x)
         # Merged adapters are already in the weight; they are always active (set_adapter unmerges).
