@@ -2,18 +2,23 @@
 
 Matched by data flow and shapes, never by parameter names:
   balance/mini (PEFT):  y = linear(x, W, b) + sum(reshape(chain(x), [..., n, r]), -2) @ D [+ ...]
-                        chain = pad / cast / dropout of the Linear's own input; D [r, out] or
-                        D.repeat(1, out // mini_r); result cast back to x's dtype.
+                        chain = zero right-pad / float cast / dropout of the Linear's own input; D [r, out]
+                        or D.repeat(1, out // mini_r); result cast back to x's dtype.
                         -> miss.linear(x, [chain(x), ...], W, b, [D, ...])
   bat (PEFT):           linear(x, W + delta(W, D) [+ ...], b) with delta the blockwise
                         reshape / permute / W_pq @ D_p + D_p        -> miss.bat_linear(x, W, b, [D, ...])
   our layers already call miss ops; they are counted, not rewritten (merge=True folds them into W,
   except miss.stacked_linear: one block per batch row has no single merged weight).
-Anything that looks like an adapter branch but fails a check is left untouched and reported.
+Every node is read through pass_forms, which accepts only forms it checks completely (keywords
+included). A match is refused when anything between its first node and the op's place may write
+to memory, so the op reads what the branch read. Bodies of higher-order ops (activation
+checkpointing) are rewritten too. Anything that looks like an adapter branch but fails a check is
+left untouched and reported; the graph is changed only once a layer has matched completely.
 """
 
 from __future__ import annotations
 
+import logging
 import operator
 import re
 from dataclasses import dataclass, field
@@ -21,16 +26,39 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import ops, reference  # noqa: F401  (ops registers torch.ops.miss)
+from .pass_forms import (
+    NoMatch,
+    add_operands,
+    bind,
+    cast_source,
+    chunk_sum_operands,
+    describe,
+    dropout_operands,
+    is_call,
+    linear_operands,
+    lossless,
+    matmul_operands,
+    may_mutate,
+    pad_operands,
+    permute_dims,
+    repeat_operands,
+    reshape_source,
+    same,
+    same_shape,
+    val,
+)
 
-__all__ = ["LayerRewrite", "PassReport", "rewrite_miss_linears"]
+__all__ = ["LayerRewrite", "PassReport", "rewrite_miss_linears", "layer_name", "MISS_OPS"]
+
+logger = logging.getLogger(__name__)
 
 MISS_OPS = (torch.ops.miss.linear.default, torch.ops.miss.bat_linear.default, torch.ops.miss.stacked_linear.default)
 _LINEAR = (F.linear, torch._C._nn.linear)
-_MATMUL = (operator.matmul, torch.matmul)
-_ADD = (operator.add, torch.add)
+_ADDS = (torch.add, operator.add)
+_MATMULS = (torch.matmul, operator.matmul)
+_PADS = (F.pad, torch._C._nn.pad)
 
 
 @dataclass
@@ -40,6 +68,7 @@ class LayerRewrite:
     adapters: int
     source: str  # "peft pattern" or "miss op"
     merged: bool = False
+    not_folded: str = ""  # merge=True only: why this layer stays an unmerged miss op
 
 
 @dataclass
@@ -51,51 +80,36 @@ class PassReport:
         lines = [f"miss_backend: {len(self.rewritten)} MiSS Linear(s) as miss ops, {len(self.skipped)} left as they were"]
         for item in self.rewritten:
             how = "folded into W" if item.merged else item.source
-            lines.append(f"  rewritten  {item.layer}: {item.variant}, {item.adapters} adapter(s), {how}")
+            why = f" (not folded: {item.not_folded})" if item.not_folded else ""
+            lines.append(f"  rewritten  {item.layer}: {item.variant}, {item.adapters} adapter(s), {how}{why}")
         for layer, why in self.skipped:
             lines.append(f"  untouched  {layer}: {why}")
         return "\n".join(lines)
 
 
-class _NoMatch(Exception):
-    """A check failed; the message says which."""
+@dataclass
+class _Match:
+    """A layer that matched completely: what the op takes, where it goes, whose users it takes over."""
+
+    kind: str  # "balance/mini" or "bat"
+    x: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    blocks: list[fx.Node]
+    adapter_inputs: list[fx.Node]  # balance/mini only
+    anchor: fx.Node  # the op is inserted right after it
+    result: fx.Node  # its users read the op instead
+    not_folded: str | None  # why merging would not be exact; None when it would be
+    region: list[fx.Node]  # the matched nodes, erased once nothing reads them
 
 
 # --- node helpers
 
 
-def _val(node: object) -> torch.Tensor | None:
-    if not isinstance(node, fx.Node):
-        return None
-    value = node.meta.get("val", node.meta.get("example_value"))
-    return value if isinstance(value, torch.Tensor) else None
-
-
-def _same(a: object, b: object) -> bool:
-    return statically_known_true(a == b)
-
-
-def _same_shape(a: tuple, b: tuple) -> bool:
-    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-
-
 def _is_param(node: object) -> bool:
-    """A graph input or attribute (parameters arrive so in Dynamo graphs), not computed in the graph."""
-    return isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr") and _val(node) is not None
-
-
-def _is_call(node: object, targets: tuple, method: str | None = None) -> bool:
-    if not isinstance(node, fx.Node):
-        return False
-    if node.op == "call_function" and node.target in targets:
-        return True
-    return method is not None and node.op == "call_method" and node.target == method
-
-
-def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
+    """A graph input or attribute (parameters arrive so in Dynamo graphs and in the bodies of
+    higher-order ops), not computed in the graph."""
+    return isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr") and val(node) is not None
 
 
 def layer_name(node: fx.Node) -> str:
@@ -109,295 +123,402 @@ def layer_name(node: fx.Node) -> str:
     return path.removesuffix(".base_layer")
 
 
-def _linear_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
-    return _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
-
-
 def _single_user(node: fx.Node) -> fx.Node:
     users = list(node.users)
     if len(users) != 1:
-        raise _NoMatch(f"{node.name} is used {len(users)} times; the adapter branch must be private")
+        raise NoMatch(f"{node.name} is used {len(users)} times; the adapter branch must be private")
     return users[0]
 
 
-def _strip_casts(node: object) -> object:
-    """Through dtype casts, clones, detaches and `.data` (PEFT's bat reads W.data.clone())."""
+def _lossless_root(node: object, through_detach: bool) -> tuple[object, list[fx.Node]]:
+    """Back through casts that keep every value (and clones); detaches only if asked."""
+    nodes = []
     while isinstance(node, fx.Node):
-        if node.op == "call_method" and node.target in ("to", "clone", "detach", "float", "contiguous") and _cast_only(node):
-            node = node.args[0]
-        elif node.op == "call_function" and getattr(node.target, "__name__", "") == "_get_data_attr":
-            node = node.args[0]
-        else:
+        detaches = node.target in ("detach",) or getattr(node.target, "__name__", "") == "_get_data_attr"
+        try:
+            source = cast_source(node)
+        except NoMatch:
             break
-    return node
+        if (detaches and not through_detach) or not lossless(val(source).dtype, val(node).dtype):
+            break
+        nodes.append(node)
+        node = source
+    return node, nodes
 
 
-def _strip_dtype_casts(node: object) -> object:
-    while isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("to", "float") and _cast_only(node):
-        node = node.args[0]
-    return node
+def _check_no_writes(region: list[fx.Node], anchor: fx.Node) -> None:
+    """Nothing from the region's first node to the op's place may write: the op reads x, W, b and
+    the blocks there, where the original branch read them earlier."""
+    first = min(region, key=_position(anchor.graph))
+    node = first
+    while node is not anchor:
+        if node not in region and may_mutate(node):
+            raise NoMatch(f"{describe(node)} may write to memory between {first.name} and {anchor.name}, "
+                          "inside the adapter branch")
+        node = node.next
 
 
-def _cast_only(node: fx.Node) -> bool:
-    if node.target != "to":
-        return True
-    extra = list(node.args[1:]) + [v for k, v in node.kwargs.items() if k != "copy"]
-    return len(extra) == 1 and isinstance(extra[0], torch.dtype)
+def _position(graph: fx.Graph) -> dict[fx.Node, int]:
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    return order.__getitem__
+
+
+def _result(last: fx.Node, x_dtype: torch.dtype) -> fx.Node:
+    """The node whose users take the op's output: `last`, or its cast back to x's dtype."""
+    if val(last) is None:
+        raise NoMatch(f"{last.name} has no example value")
+    if val(last).dtype == x_dtype:
+        return last
+    users = list(last.users)
+    if len(users) == 1 and users[0].op == "call_method" and val(users[0]) is not None and val(users[0]).dtype == x_dtype:
+        try:
+            if cast_source(users[0]) is last:
+                return users[0]
+        except NoMatch:
+            pass
+    raise NoMatch(f"the result ({val(last).dtype}) is not cast back to the input's dtype {x_dtype}")
 
 
 # --- balance / mini
 
 
-def _adapter_input_root(node: fx.Node, x: fx.Node) -> None:
-    """The adapter input must be x through zero-pads on the last dim, casts and dropout only."""
-    current = node
+def _adapter_path(adapter_input: object, x: fx.Node) -> tuple[list[fx.Node], str | None]:
+    """The nodes from x to the adapter input, and why S(adapter input) would not be S(x) exactly
+    (None: it is). NoMatch unless it is x through zero right-pads of the last dim, float casts
+    and dropout."""
+    nodes, inexact, current = [], None, adapter_input
     while current is not x:
-        if _is_call(current, (F.pad, torch._C._nn.pad)):
-            pad, mode, value = current.args[1], _arg(current, 2, "mode", "constant"), _arg(current, 3, "value", None)
-            if len(pad) != 2 or pad[0] != 0 or mode != "constant" or value not in (None, 0, 0.0):
-                raise _NoMatch(f"{current.name} pads other than zeros at the end of the last dim")
-        elif _is_call(current, (F.dropout,)):
-            if _arg(current, 3, "inplace", False):
-                raise _NoMatch("in-place dropout on the adapter input")
-        elif not (current.op == "call_method" and current.target in ("to", "float", "contiguous") and _cast_only(current)):
-            what = current.name if current.op == "placeholder" else f"{getattr(current.target, '__name__', current.target)}(...)"
-            raise _NoMatch(f"the adapter branch reads {what}, not the Linear's input")
-        current = current.args[0] if current.args else current.kwargs.get("input")
         if not isinstance(current, fx.Node):
-            raise _NoMatch("the adapter branch does not start at a tensor")
+            raise NoMatch("the adapter branch does not start at a tensor")
+        if is_call(current, _PADS):
+            source, pad = pad_operands(current)
+            if len(pad) != 2 or pad[0] != 0 or pad[1] < 0:
+                raise NoMatch(f"{current.name} pads {pad}: only zeros after the last dim keep the Linear's input")
+        elif is_call(current, (F.dropout,)):
+            source, p, training = dropout_operands(current)
+            if not (training is False or p == 0):
+                inexact = inexact or "dropout is live on the adapter input"
+        elif current.op == "call_method" and current.target in ("to", "float", "double", "half", "bfloat16",
+                                                                 "contiguous", "clone", "detach"):
+            source = cast_source(current)
+            before, after = val(source).dtype, val(current).dtype
+            if not (before.is_floating_point and after.is_floating_point):
+                through = after if not after.is_floating_point else before
+                raise NoMatch(f"the adapter input casts the Linear's input through {through}")
+            if not lossless(before, after):
+                inexact = inexact or f"the adapter input rounds x ({before}) to {after}"
+            if current.target == "detach":
+                inexact = inexact or "the adapter input is detached from x"
+        else:
+            raise NoMatch(f"the adapter branch reads {describe(current)}, not the Linear's input")
+        nodes.append(current)
+        current = source
+    return nodes, inexact
 
 
-def _match_chunk_term(term: fx.Node, x: fx.Node, out_features: int) -> tuple[fx.Node, fx.Node]:
-    """term = S(a) @ D for a MiSS block D; returns (a, D)."""
-    if not _is_call(term, _MATMUL):
-        raise _NoMatch("the added term is not a matmul")
-    chunk_sum, block = term.args
-    mini_of = None
-    if _is_call(block, (), "repeat") and _is_param(block.args[0]):
-        base = _val(block.args[0])
-        repeats = tuple(block.args[1:]) if len(block.args) > 2 else tuple(block.args[1])
-        if not (base.dim() == 2 and len(repeats) == 2 and repeats[0] == 1 and _same(base.shape[1] * repeats[1], out_features)):
-            raise _NoMatch("the block is repeated other than along out_features")
-        mini_of, block = block, block.args[0]
+def _match_chunk_term(term: fx.Node, x: fx.Node, out_features: int) -> tuple[fx.Node, fx.Node, list[fx.Node], str | None]:
+    """term = S(a) @ D for a MiSS block D; returns (a, D, the term's nodes, why folding is inexact)."""
+    chunk_sum, block = matmul_operands(term)
+    nodes = [term]
+    if is_call(block, (), "repeat") and _is_param(block.args[0]):
+        base, repeats = repeat_operands(block)
+        base_val = val(base)
+        if not (base_val.dim() == 2 and len(repeats) == 2 and repeats[0] == 1
+                and type(repeats[1]) is int and same(base_val.shape[1] * repeats[1], out_features)):
+            raise NoMatch("the block is repeated other than along out_features")
+        nodes.append(block)
+        block = base
+    elif not _same_width(block, out_features):
+        raise NoMatch(f"block {describe(block)} is not [r, out={out_features}]")
     if not _is_param(block):
-        raise _NoMatch("the right-hand side is not a parameter")
-    block_val = _val(block)
-    if block_val.dim() != 2 or not (mini_of is not None or _same(block_val.shape[1], out_features)):
-        raise _NoMatch(f"block {tuple(block_val.shape)} is not [r, out={out_features}]")
+        raise NoMatch("the right-hand side is not a parameter")
+    block_val = val(block)
+    if block_val.dim() != 2:
+        raise NoMatch(f"block {tuple(block_val.shape)} is not [r, out={out_features}]")
     r = block_val.shape[0]
-    if not _is_call(chunk_sum, (torch.sum,), "sum"):
-        raise _NoMatch("the left-hand side is not a sum")
-    reshaped = chunk_sum.args[0]
-    dim = _arg(chunk_sum, 1, "dim")
-    dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
-    if _arg(chunk_sum, 2, "keepdim", False) or chunk_sum.kwargs.get("dtype") is not None:
-        raise _NoMatch("the sum keeps dims or changes dtype")
-    if not _is_call(reshaped, (torch.reshape,), "reshape") and not _is_call(reshaped, (), "view"):
-        raise _NoMatch("the sum does not reduce a reshape")
-    adapter_input = reshaped.args[0]
-    a_val, reshaped_val = _val(adapter_input), _val(reshaped)
-    if a_val is None or reshaped_val is None or dim not in (-2, reshaped_val.dim() - 2):
-        raise _NoMatch("the sum is not over the chunk dim (-2)")
+    reshaped, dim = chunk_sum_operands(chunk_sum)
+    adapter_input = reshape_source(reshaped)
+    a_val, reshaped_val, sum_val = val(adapter_input), val(reshaped), val(chunk_sum)
+    if a_val is None or reshaped_val is None or sum_val is None or dim not in (-2, reshaped_val.dim() - 2):
+        raise NoMatch("the sum is not over the chunk dim (-2)")
     width = a_val.shape[-1]
-    if not _same_shape(tuple(reshaped_val.shape), (*a_val.shape[:-1], width // r, r)) or not _same(width % r, 0):
-        raise _NoMatch(f"the reshape {tuple(reshaped_val.shape)} is not [..., in/r, r={r}]")
-    if a_val.dtype != block_val.dtype:
-        raise _NoMatch(f"adapter input is {a_val.dtype}, block {block_val.dtype}")
-    for node in (term, chunk_sum, reshaped) + ((mini_of,) if mini_of is not None else ()):
+    if not _same_shape_of(reshaped_val, (*a_val.shape[:-1], width // r, r)) or not same(width % r, 0):
+        raise NoMatch(f"the reshape {tuple(reshaped_val.shape)} is not [..., in/r, r={r}]")
+    if not (a_val.dtype == reshaped_val.dtype == sum_val.dtype == block_val.dtype):
+        raise NoMatch(f"adapter input is {a_val.dtype}, block {block_val.dtype}")
+    nodes += [chunk_sum, reshaped]
+    for node in nodes:
         _single_user(node)
-    _adapter_input_root(adapter_input, x)
-    return adapter_input, block
+    path, inexact = _adapter_path(adapter_input, x)
+    return adapter_input, block, nodes + path, inexact
 
 
-def _match_chunk_linear(linear: fx.Node) -> tuple[list[fx.Node], list[fx.Node], fx.Node]:
-    x, weight, _ = _linear_args(linear)
-    out_features = _val(weight).shape[0]
-    accumulated, adapter_inputs, blocks = linear, [], []
+def _same_width(block: object, out_features: int) -> bool:
+    block_val = val(block)
+    return block_val is not None and block_val.dim() == 2 and same(block_val.shape[1], out_features)
+
+
+def _same_shape_of(value: torch.Tensor, shape: tuple) -> bool:
+    return same_shape(tuple(value.shape), shape)
+
+
+def _match_chunk_linear(linear: fx.Node) -> _Match:
+    x, weight, bias = linear_operands(linear)
+    out_features = val(weight).shape[0]
+    accumulated, adapter_inputs, blocks, region, inexact = linear, [], [], [linear], None
     while True:
         users = list(accumulated.users)
-        if len(users) != 1 or not _is_call(users[0], _ADD) or users[0].args[0] is not accumulated:
+        if len(users) != 1 or not is_call(users[0], _ADDS, "add"):
             break
         try:
-            adapter_input, block = _match_chunk_term(users[0].args[1], x, out_features)
-        except _NoMatch:
+            left, term = add_operands(users[0])
+            if left is not accumulated:
+                raise NoMatch("the Linear's output is not the first term of the add")
+            adapter_input, block, nodes, term_inexact = _match_chunk_term(term, x, out_features)
+        except NoMatch:
             if not blocks:
                 raise
-            break
+            break  # the adapters matched so far become the op; this add stays, reading its output
         adapter_inputs.append(adapter_input)
         blocks.append(block)
+        region += [users[0], *nodes]
+        inexact = inexact or term_inexact
         accumulated = users[0]
     if not blocks:
-        raise _NoMatch("no adapter term")
-    return adapter_inputs, blocks, accumulated
+        raise NoMatch("no adapter term")
+    result = _result(accumulated, val(x).dtype)
+    region.append(result)
+    _check_no_writes(region, accumulated)
+    return _Match("balance/mini", x, weight, bias, blocks, adapter_inputs, accumulated, result, inexact, region)
 
 
 def _looks_like_adapter(linear: fx.Node) -> bool:
     users = list(linear.users)
-    return len(users) == 1 and _is_call(users[0], _ADD) and _is_call(users[0].args[1], _MATMUL)
+    if len(users) != 1 or not is_call(users[0], _ADDS, "add"):
+        return False
+    operands = list(users[0].args) + list(users[0].kwargs.values())
+    return any(is_call(operand, _MATMULS, "matmul") for operand in operands)
 
 
 # --- bat
 
 
-def _match_bat_delta(delta: fx.Node, current: fx.Node) -> fx.Node:
+def _match_bat_delta(delta: object, current: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     """delta = reshape(permute(W4 @ D + D, 1, 2, 0, 3), out, in), W4 = reshape(W_k).permute(2, 0, 1, 3)."""
-    if not _is_call(delta, (torch.reshape,), "reshape"):
-        raise _NoMatch("bat delta is not a reshape")
-    back = delta.args[0]
-    if not (_is_call(back, (torch.permute,), "permute") and tuple(back.args[1:]) in ((1, 2, 0, 3), ((1, 2, 0, 3),))):
-        raise _NoMatch("bat delta is not permuted back (1, 2, 0, 3)")
-    summed = back.args[0]
-    if not _is_call(summed, _ADD):
-        raise _NoMatch("bat delta is not W @ D + D")
-    product, block = summed.args
-    if not (_is_call(product, _MATMUL) and product.args[1] is block and _is_param(block)):
-        raise _NoMatch("bat delta is not W @ D + D with D a parameter")
-    blocked = product.args[0]
-    if not (_is_call(blocked, (torch.permute,), "permute") and tuple(blocked.args[1:]) in ((2, 0, 1, 3), ((2, 0, 1, 3),))):
-        raise _NoMatch("bat weight blocks are not permuted (2, 0, 1, 3)")
-    grid = blocked.args[0]
-    block_val, weight_val = _val(block), _val(current)
-    r = block_val.shape[-1]
+    back = reshape_source(delta)
+    weight_val, delta_val = val(current), val(delta)
+    if weight_val is None or delta_val is None or not _same_shape_of(delta_val, tuple(weight_val.shape)):
+        raise NoMatch("bat delta is not shaped as the weight")
+    summed, dims = permute_dims(back)
+    if dims != (1, 2, 0, 3):
+        raise NoMatch("bat delta is not permuted back (1, 2, 0, 3)")
+    product, block = add_operands(summed)
+    blocked, block_again = matmul_operands(product)
+    if block_again is not block or not _is_param(block):
+        raise NoMatch("bat delta is not W @ D + D with D a parameter")
+    grid, dims = permute_dims(blocked)
+    if dims != (2, 0, 1, 3):
+        raise NoMatch("bat weight blocks are not permuted (2, 0, 1, 3)")
+    weight_source = reshape_source(grid)
+    block_val = val(block)
+    r = block_val.shape[-1] if block_val.dim() == 3 else 0
     out_features, in_features = weight_val.shape
-    expected = (out_features // r, r, in_features // r, r)
-    if not (_is_call(grid, (torch.reshape,), "reshape") and _same_shape(tuple(_val(grid).shape), expected)):
-        raise _NoMatch("bat weight is not reshaped to [out/r, r, in/r, r]")
-    if not _same_shape(tuple(block_val.shape), (out_features // r, r, r)):
-        raise _NoMatch(f"bat block {tuple(block_val.shape)} does not tile the weight {tuple(weight_val.shape)}")
-    if _strip_casts(grid.args[0]) is not _strip_casts(current):
-        raise _NoMatch("bat delta is computed from another weight")
-    for node in (delta, back, summed, product, blocked, grid):
+    if not r or not _same_shape_of(block_val, (out_features // r, r, r)):
+        raise NoMatch(f"bat block {tuple(block_val.shape)} does not tile the weight {tuple(weight_val.shape)}")
+    if val(grid) is None or not _same_shape_of(val(grid), (out_features // r, r, in_features // r, r)):
+        raise NoMatch("bat weight is not reshaped to [out/r, r, in/r, r]")
+    source_root, source_casts = _lossless_root(weight_source, through_detach=True)
+    if source_root is not _lossless_root(current, through_detach=True)[0]:
+        raise NoMatch("bat delta is computed from another weight (or one rounded on the way)")
+    nodes = [delta, back, summed, product, blocked, grid]
+    for node in nodes:
         _single_user(node)
-    return block
+    return block, nodes + source_casts
 
 
-def _match_bat_linear(linear: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
-    _, weight, _ = _linear_args(linear)
-    blocks = []
-    current = weight
-    while _is_call(current, _ADD) and not _is_param(current):
-        previous, delta = current.args
-        blocks.insert(0, _match_bat_delta(delta, previous))
+def _match_bat_linear(linear: fx.Node) -> _Match:
+    x, weight, bias = linear_operands(linear)
+    blocks, region, current = [], [linear], weight
+    while not _is_param(current) and is_call(current, _ADDS, "add"):
+        previous, delta = add_operands(current)
+        block, nodes = _match_bat_delta(delta, previous)
+        blocks.insert(0, block)
         _single_user(current)
+        region += [current, *nodes]
         current = previous
-    base = _strip_casts(current)
+    base, weight_casts = _lossless_root(current, through_detach=True)
     if not blocks or not _is_param(base):
-        raise _NoMatch("the weight is not a parameter folded with bat blocks")
-    if _val(base).requires_grad and current is not base:
-        raise _NoMatch("the base weight trains but PEFT's bat detaches it; left as PEFT computes it")
-    return base, blocks
+        raise NoMatch("the weight is not a parameter folded with bat blocks")
+    if val(base).requires_grad and current is not base:
+        raise NoMatch("the base weight trains but PEFT's bat detaches it; left as PEFT computes it")
+    x_root, x_casts = _lossless_root(x, through_detach=False)
+    bias_root, bias_casts = _lossless_root(bias, through_detach=False)
+    result = _result(linear, val(x_root).dtype)
+    region += [*weight_casts, *x_casts, *bias_casts, result]
+    _check_no_writes(region, linear)
+    not_folded = None
+    if val(x_root).dtype != val(base).dtype:
+        not_folded = f"x is {val(x_root).dtype}, the weight {val(base).dtype}"
+    return _Match("bat", x_root, base, bias_root, blocks, [], linear, result, not_folded, region)
 
 
-# --- the pass
+# --- rewriting (only once a match is complete: nothing here raises NoMatch)
 
 
-def _replace(graph: fx.Graph, anchor: fx.Node, x: fx.Node, target: object, args: tuple,
-             last: fx.Node | None = None) -> fx.Node:
-    """Insert target(*args) after `anchor`; route the users of `last` (default: anchor), or of
-    its cast back to x's dtype, to it."""
-    last = anchor if last is None else last
-    x_dtype = _val(x).dtype
-    if _val(last).dtype != x_dtype:
-        users = list(last.users)
-        cast = users[0] if len(users) == 1 else None
-        if cast is None or not (cast.op == "call_method" and cast.target == "to" and _cast_only(cast)
-                                and _val(cast).dtype == x_dtype):
-            raise _NoMatch(f"the result ({_val(last).dtype}) is not cast back to the input's dtype {x_dtype}")
-        last = cast
-    with graph.inserting_after(anchor):  # anchor follows every arg; last's users follow anchor
+def _variants(match: _Match) -> list[str]:
+    if match.kind == "bat":
+        return ["bat"] * len(match.blocks)
+    out_features = val(match.weight).shape[0]
+    return ["balance" if same(val(b).shape[1], out_features) else "mini" for b in match.blocks]
+
+
+def _insert(graph: fx.Graph, anchor: fx.Node, result: fx.Node, target: object, args: tuple) -> fx.Node:
+    """target(*args) right after `anchor` (which follows every arg); `result`'s users read it."""
+    with graph.inserting_after(anchor):
         op_node = graph.call_function(target, args)
-    op_node.meta.update({k: v for k, v in last.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
-    op_node.meta["example_value"] = _val(last)
-    last.replace_all_uses_with(op_node)
+    op_node.meta.update({k: v for k, v in result.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
+    op_node.meta["example_value"] = val(result)
+    result.replace_all_uses_with(op_node)
     return op_node
 
 
-def _mergeable(blocks: list[fx.Node], adapter_inputs: list[fx.Node], x: fx.Node) -> bool:
-    """Frozen blocks and no dropout that is live (training) on the adapter path."""
-    if any(_val(block).requires_grad for block in blocks):
-        return False
-    for adapter_input in adapter_inputs:
-        try:
-            _adapter_input_root(adapter_input, x)
-        except _NoMatch:
-            return False
-        current = adapter_input
-        while current is not x:
-            if _is_call(current, (F.dropout,)) and _arg(current, 2, "training", True) is not False:
-                return False
-            current = current.args[0]
-    return True
-
-
-def _merged_linear(graph: fx.Graph, last: fx.Node, x: fx.Node, weight: fx.Node, bias: fx.Node | None,
-                   blocks: list[fx.Node], variants: list[str]) -> None:
-    with graph.inserting_after(last):
-        folded = graph.call_function(reference.fold_weight, (weight, blocks, variants))
-    _replace(graph, folded, x, F.linear, (x, folded, bias), last=last)
-
-
-def _fold_if_asked(graph: fx.Graph, node: fx.Node, merge: bool) -> LayerRewrite:
-    """A miss op already in the graph (our layers): counted, and folded into W when merging."""
-    if node.target is torch.ops.miss.stacked_linear.default:
-        n_blocks = _val(node.args[4]).shape[0]
-        return LayerRewrite(layer_name(node), "stacked", n_blocks, "miss op")
-    if node.target is torch.ops.miss.bat_linear.default:
-        x, weight, bias, blocks = node.args
-        adapter_inputs, variants, kind = [], ["bat"] * len(blocks), "bat"
+def _apply(graph: fx.Graph, match: _Match, merge: bool) -> bool:
+    """Rewrite the matched layer; returns whether its adapters were folded into W."""
+    folds = merge and match.not_folded is None
+    if folds:
+        with graph.inserting_after(match.anchor):
+            folded = graph.call_function(reference.fold_weight, (match.weight, match.blocks, _variants(match)))
+        _insert(graph, folded, match.result, F.linear, (match.x, folded, match.bias))
+    elif match.kind == "bat":
+        _insert(graph, match.anchor, match.result, torch.ops.miss.bat_linear.default,
+                (match.x, match.weight, match.bias, match.blocks))
     else:
-        x, adapter_inputs, weight, bias, blocks = node.args
-        variants = ["balance" if _same(_val(b).shape[1], _val(weight).shape[0]) else "mini" for b in blocks]
-        kind = "balance/mini"
-    merged = merge and (_is_param(weight) or _is_transposed_param(weight)) and _mergeable(blocks, adapter_inputs, x)
-    if merged:
-        _merged_linear(graph, node, x, weight, bias, blocks, variants)
-    return LayerRewrite(layer_name(node), kind, len(blocks), "miss op", merged)
+        _insert(graph, match.anchor, match.result, torch.ops.miss.linear.default,
+                (match.x, match.adapter_inputs, match.weight, match.bias, match.blocks))
+    _erase_unused(graph, match.region)
+    return folds
 
 
-def _is_transposed_param(node: object) -> bool:
-    """GPT-2's Conv1D weight reaches our op as weight.t()."""
-    return _is_call(node, (torch.t,), "t") and _is_param(node.args[0])
+def _erase_unused(graph: fx.Graph, region: list[fx.Node]) -> None:
+    """Erase the matched nodes nothing reads any more. Not a graph-wide dead-code pass: that
+    would also drop the user's in-place ops whose results are unused (x.mul_(2))."""
+    pending = {node for node in region if node.op == "call_function" or node.op == "call_method"}
+    while True:
+        dead = [node for node in pending if not node.users]
+        if not dead:
+            return
+        for node in dead:
+            graph.erase_node(node)
+            pending.discard(node)
+
+
+def _fold_reason(match: _Match, merge: bool) -> None:
+    """Frozen blocks only: folding a trained block would cut its gradient."""
+    if merge and match.not_folded is None and any(val(block).requires_grad for block in match.blocks):
+        match.not_folded = "its blocks require grad"
+
+
+def _match_miss_op(node: fx.Node) -> _Match:
+    """A miss op already in the graph (our layers): counted, and folded into W when merging."""
+    if node.target is torch.ops.miss.bat_linear.default:
+        bound = bind(node, ("x", "weight", "bias", "blocks"), {})
+        adapter_inputs, inexact = [], None
+    else:
+        bound = bind(node, ("x", "adapter_inputs", "weight", "bias", "blocks"), {})
+        adapter_inputs, inexact = list(bound["adapter_inputs"]), None
+        for adapter_input in adapter_inputs:
+            try:
+                inexact = inexact or _adapter_path(adapter_input, bound["x"])[1]
+            except NoMatch as reason:
+                inexact = inexact or str(reason)
+    weight = bound["weight"]
+    if not (_is_param(weight) or (is_call(weight, (torch.t,), "t") and _is_param(weight.args[0]))):
+        inexact = "the weight is computed in the graph"  # GPT-2's Conv1D weight reaches our op as W.t()
+    kind = "bat" if node.target is torch.ops.miss.bat_linear.default else "balance/mini"
+    return _Match(kind, bound["x"], weight, bound["bias"], list(bound["blocks"]), adapter_inputs, node, node, inexact,
+                  [node])
+
+
+def _rewrite_node(graph: fx.Graph, node: fx.Node, merge: bool, report: PassReport) -> None:
+    if node.target is torch.ops.miss.stacked_linear.default:
+        n_blocks = val(node.args[4]).shape[0]
+        report.rewritten.append(LayerRewrite(layer_name(node), "stacked", n_blocks, "miss op"))
+        return
+    if node.target in MISS_OPS:
+        match, source = _match_miss_op(node), "miss op"
+        _fold_reason(match, merge)
+        if merge and match.not_folded is None:
+            _apply(graph, match, merge)
+    else:
+        x, weight, _ = linear_operands(node)
+        if val(x) is None or val(weight) is None:
+            return
+        match, source = (_match_chunk_linear(node) if _is_param(weight) else _match_bat_linear(node)), "peft pattern"
+        _fold_reason(match, merge)
+        _apply(graph, match, merge)
+    merged = merge and match.not_folded is None
+    not_folded = match.not_folded if merge and not merged else ""
+    report.rewritten.append(LayerRewrite(layer_name(node), match.kind, len(match.blocks), source, merged, not_folded or ""))
+
+
+def _should_report(node: fx.Node) -> bool:
+    try:
+        _, weight, _ = linear_operands(node)
+    except NoMatch:
+        return True
+    return not _is_param(weight) or _looks_like_adapter(node)
+
+
+def _rewrite_graph(graph: fx.Graph, merge: bool, report: PassReport, seen: set[int]) -> None:
+    for node in list(graph.nodes):
+        if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
+            _rewrite_bodies(graph, node, merge, report, seen)
+            continue
+        if not (node.op == "call_function" and (node.target in MISS_OPS or node.target in _LINEAR)):
+            continue
+        try:
+            _rewrite_node(graph, node, merge, report)
+        except NoMatch as reason:
+            if _should_report(node):
+                report.skipped.append((layer_name(node), str(reason)))
+        except Exception as error:  # a bug in a matcher; matching only reads, so the graph is as it was
+            logger.warning("miss pass: internal matcher error at %s (%s), left as it was", node.name, error,
+                           exc_info=True)
+            report.skipped.append((layer_name(node), f"internal matcher error: {type(error).__name__}: {error}"))
+    graph.lint()
+
+
+def _rewrite_bodies(graph: fx.Graph, node: fx.Node, merge: bool, report: PassReport, seen: set[int]) -> None:
+    """The bodies of a higher-order op (activation checkpointing's tag_activation_checkpoint, ...)
+    are GraphModules read through get_attr: rewrite them as graphs of their own."""
+    owner = graph.owning_module
+    for arg in node.all_input_nodes:
+        if arg.op != "get_attr":
+            continue
+        body = _attribute(owner, arg.target)
+        if not isinstance(body, fx.GraphModule):
+            report.skipped.append((node.name, f"{node.target.name()} runs {arg.target}, which the pass cannot read"))
+            continue
+        if id(body) in seen:
+            continue
+        seen.add(id(body))
+        _rewrite_graph(body.graph, merge, report, seen)
+        body.recompile()
+
+
+def _attribute(owner: object, path: str) -> object:
+    for name in path.split("."):
+        owner = getattr(owner, name, None)
+    return owner
 
 
 def rewrite_miss_linears(graph: fx.Graph, merge: bool = False) -> PassReport:
     """Rewrite in place; returns what was rewritten and what was left, with reasons.
 
-    merge=True: Linears whose blocks are all frozen (and whose dropout is off) become
-    linear(x, fold_weight(W, blocks), b); under Inductor's freezing the fold runs once.
+    merge=True: Linears whose blocks are all frozen, whose dropout is off and whose adapters read
+    x exactly (zero pads and value-keeping casts) become linear(x, fold_weight(W, blocks), b);
+    under Inductor's freezing the fold runs once. Others stay miss ops, with the reason.
     """
     report = PassReport()
-    for node in list(graph.nodes):
-        if node.op == "call_function" and node.target in MISS_OPS:
-            report.rewritten.append(_fold_if_asked(graph, node, merge))
-            continue
-        if not _is_call(node, _LINEAR):
-            continue
-        x, weight, bias = _linear_args(node)
-        if _val(x) is None or _val(weight) is None:
-            continue
-        try:
-            if _is_param(weight):
-                adapter_inputs, blocks, last = _match_chunk_linear(node)
-                merged = merge and _mergeable(blocks, adapter_inputs, x)
-                if merged:
-                    variants = ["balance" if _same(_val(b).shape[1], _val(weight).shape[0]) else "mini" for b in blocks]
-                    _merged_linear(graph, last, x, weight, bias, blocks, variants)
-                else:
-                    _replace(graph, last, x, torch.ops.miss.linear.default, (x, adapter_inputs, weight, bias, blocks))
-                report.rewritten.append(LayerRewrite(layer_name(node), "balance/mini", len(blocks), "peft pattern", merged))
-            else:
-                base_weight, blocks = _match_bat_linear(node)
-                x_root, bias_root = _strip_dtype_casts(x), _strip_dtype_casts(bias)
-                merged = merge and _mergeable(blocks, [], x_root)
-                if merged:
-                    _merged_linear(graph, node, x_root, base_weight, bias_root, blocks, ["bat"] * len(blocks))
-                else:
-                    _replace(graph, node, x_root, torch.ops.miss.bat_linear.default,
-                             (x_root, base_weight, bias_root, blocks))
-                report.rewritten.append(LayerRewrite(layer_name(node), "bat", len(blocks), "peft pattern", merged))
-        except _NoMatch as reason:
-            if not _is_param(weight) or _looks_like_adapter(node):
-                report.skipped.append((layer_name(node), str(reason)))
-    graph.eliminate_dead_code()
-    graph.lint()
+    _rewrite_graph(graph, merge, report, set())
     return report
