@@ -32,8 +32,17 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from .backend import miss_backend
-from .checkpoint import check_blocks, config_of, layers_with, read_adapter, write_adapter
+from .checkpoint import (
+    check_blocks,
+    check_saved_modules,
+    config_of,
+    layers_with,
+    modules_to_save_of,
+    read_checkpoint,
+    write_adapter,
+)
 from .peft_compat import model_root
+from .saved_modules import is_saved_module_parameter, saved_targets
 
 __all__ = [
     "wrap_ddp",
@@ -64,14 +73,15 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def trainable_blocks(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters that train: MiSS blocks only (what DDP and FSDP2 then reduce)."""
+    """The parameters that train: MiSS blocks and the adapters' modules_to_save copies (a classifier
+    head), what DDP and FSDP2 then reduce."""
     params = {name: param for name, param in model.named_parameters() if param.requires_grad}
-    others = [name for name in params if ".miss_block." not in f".{name}."]
+    others = [name for name in params if ".miss_block." not in f".{name}." and not is_saved_module_parameter(name)]
     if others:
         raise ValueError(
             f"trainable parameters that are not MiSS blocks: {others[:5]}{' ...' if len(others) > 5 else ''}; "
-            "freeze them (requires_grad_(False); apply_miss and PEFT do): wrap_ddp and shard_fsdp2 reduce "
-            "MiSS blocks only"
+            "freeze them (requires_grad_(False); apply_miss and PEFT do), or name their modules in "
+            "MissConfig.modules_to_save: wrap_ddp and shard_fsdp2 reduce MiSS blocks and modules_to_save copies only"
         )
     if not params:
         raise ValueError(f"{type(model).__name__} has no trainable MiSS block; add one with apply_miss or load_adapter")
@@ -142,8 +152,18 @@ def gather_adapter(model: nn.Module, adapter_name: str = "default") -> dict[str,
     blocks = {}
     for name, layer in layers.items():
         block = layer.miss_block[adapter_name].detach()
-        blocks[name] = (block.full_tensor() if isinstance(block, DTensor) else block).cpu()
+        blocks[name] = _full(block)
     return blocks
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.detach()
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).cpu()
+
+
+def _gather_saved(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The adapter's modules_to_save tensors (`<module>.<param>` -> full CPU tensor), gathered like blocks."""
+    return {key: _full(value) for key, value in saved_targets(model_root(model), adapter_name).items()}
 
 
 def save_adapter_distributed(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
@@ -151,14 +171,20 @@ def save_adapter_distributed(model: nn.Module, directory: str | os.PathLike, ada
     layout atomically, every rank returns once the files are in place. Every rank must call it."""
     inner = _unwrap(model)
     blocks = gather_adapter(inner, adapter_name)
+    saved = _gather_saved(inner, adapter_name)
     directory = Path(directory)
+
+    def write() -> None:
+        config = config_of(layers_with(inner, adapter_name), adapter_name, modules_to_save_of(inner, adapter_name))
+        write_adapter(directory, blocks, config, saved)
+
     if not dist.is_initialized():
-        write_adapter(directory, blocks, config_of(layers_with(inner, adapter_name), adapter_name))
+        write()
         return directory
     failure = [None]
     if dist.get_rank() == 0:
         try:
-            write_adapter(directory, blocks, config_of(layers_with(inner, adapter_name), adapter_name))
+            write()
             logger.info("saved adapter %r (%d blocks) to %s", adapter_name, len(blocks), directory)
         except Exception as error:  # every rank must learn it, or the others wait out the group's timeout
             failure = [f"{type(error).__name__}: {error}"]
@@ -184,13 +210,16 @@ def load_adapter_sharded(model: nn.Module, directory: str | os.PathLike, adapter
             f"{type(inner).__name__} carries no adapter {adapter_name!r} to load into, and a wrapped or sharded "
             "model cannot grow one: load_adapter (or PeftModel.from_pretrained) before wrapping"
         )
-    config, blocks = read_adapter(directory)
-    check_blocks(layers, blocks, config, adapter_name, check_finite, directory)
+    checkpoint = read_checkpoint(directory)
+    check_blocks(layers, checkpoint.blocks, checkpoint.config, adapter_name, check_finite, directory)
+    targets = saved_targets(model_root(inner), adapter_name)
+    check_saved_modules(targets, checkpoint.saved, adapter_name, check_finite, directory)
+    pairs = [(layer.miss_block[adapter_name], checkpoint.blocks[name]) for name, layer in layers.items()]
+    pairs += [(target, checkpoint.saved[key]) for key, target in targets.items()]
     with torch.no_grad():
-        for name, layer in layers.items():
-            target = layer.miss_block[adapter_name]
-            block = blocks[name].to(device=target.device, dtype=target.dtype)
+        for target, tensor in pairs:
+            tensor = tensor.to(device=target.device, dtype=target.dtype)
             if isinstance(target, DTensor):  # FSDP2: this rank's shard, cut as FSDP2 cut the parameter
-                block = distribute_tensor(block, target.device_mesh, target.placements, src_data_rank=None)
-            target.copy_(block)
+                tensor = distribute_tensor(tensor, target.device_mesh, target.placements, src_data_rank=None)
+            target.copy_(tensor)
     return model
