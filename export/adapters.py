@@ -17,21 +17,31 @@ from miss_compile.files import stage_beside
 from miss_compile.peft_compat import named_miss_layers
 from miss_compile.stacked import stacked_layers
 
-__all__ = ["write_onnx_adapter", "write_onnx_stack", "adapter_parameters", "stack_parameters"]
+__all__ = ["write_onnx_adapter", "write_onnx_stack", "adapter_parameters", "stack_parameters",
+           "read_onnx_adapter", "signature", "adapter_fit_problems", "BLOCK_PART", "STACK_SUFFIX"]
 
 _ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
                   onnx.TensorProto.DOUBLE: np.float64}
 
+BLOCK_PART = ".miss_block."  # a block's graph input: <module>.miss_block.<adapter>
+STACK_SUFFIX = ".miss_stack"  # a stack's graph input: <module>.miss_stack
 
-def adapter_parameters(adapter: str | os.PathLike | nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """Graph input name -> block, from a PEFT-format folder or a model carrying `adapter_name`."""
+# name -> (shape, dtype); a str (or None) dim is symbolic and fits any size; dtype None: not checked.
+Signature = dict[str, tuple[tuple, object]]
+
+
+def adapter_parameters(adapter: str | os.PathLike | nn.Module, adapter_name: str = "default",
+                       as_name: str | None = None) -> dict[str, torch.Tensor]:
+    """Graph input name -> block, from a PEFT-format folder or a model carrying `adapter_name`;
+    named `<module>.miss_block.<as_name>` (default: adapter_name), the name the graph was exported with."""
+    graph_name = adapter_name if as_name is None else as_name
     if isinstance(adapter, nn.Module):
         layers = {n: layer for n, layer in named_miss_layers(adapter).items() if adapter_name in layer.miss_block}
         if not layers:
             raise ValueError(f"the model has no adapter named {adapter_name!r}")
-        return {f"{n}.miss_block.{adapter_name}": layer.miss_block[adapter_name].detach() for n, layer in layers.items()}
+        return {f"{n}{BLOCK_PART}{graph_name}": layer.miss_block[adapter_name].detach() for n, layer in layers.items()}
     _, blocks = read_adapter(adapter)
-    return {f"{name}.miss_block.{adapter_name}": block for name, block in blocks.items()}
+    return {f"{name}{BLOCK_PART}{graph_name}": block for name, block in blocks.items()}
 
 
 def _graph_blocks(model_path: Path) -> dict[str, tuple[tuple[int, ...], type]]:
@@ -56,12 +66,14 @@ def write_onnx_adapter(
     path: str | os.PathLike,
     model_path: str | os.PathLike | None = None,
     adapter_name: str = "default",
+    as_name: str | None = None,
 ) -> Path:
     """Write an `.onnx_adapter` whose parameters are named like the unmerged graph's blocks
-    (`<module>.miss_block.<adapter_name>`). With `model_path`, names, shapes and coverage are
-    checked against that graph's overridable blocks and dtypes follow it (fp16 exports);
-    without it the blocks are written as fp32."""
-    return _write(adapter_parameters(adapter, adapter_name), path, model_path)
+    (`<module>.miss_block.<as_name>`; as_name defaults to adapter_name, the adapter read from a model:
+    set it to the adapter name the graph was exported with). With `model_path`, names, shapes and
+    coverage are checked against that graph's overridable blocks and dtypes follow it (fp16 exports);
+    without it the blocks are written as fp32, and sessions check them when they load the file."""
+    return _write(adapter_parameters(adapter, adapter_name, as_name), path, model_path)
 
 
 def stack_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -77,21 +89,83 @@ def write_onnx_stack(model: nn.Module, path: str | os.PathLike, model_path: str 
     """Write every layer's adapter stack as an `.onnx_adapter` for a graph exported with adapter_ids.
     The graph's stacks take any number of adapters: adding one is a new stack file, not a new export.
     With `model_path`, names and the (r, out) of each stack are checked against the graph."""
-    return _write(stack_parameters(model), path, model_path, stacks=True)
+    return _write(stack_parameters(model), path, model_path)
 
 
-def _write(parameters: dict[str, torch.Tensor], path: str | os.PathLike, model_path: str | os.PathLike | None,
-           stacks: bool = False) -> Path:
+def read_onnx_adapter(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every parameter of an `.onnx_adapter`, name -> a private copy (nothing maps the file afterwards)."""
+    parameters = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+    return {name: np.array(value.numpy(), copy=True) for name, value in parameters.items()}
+
+
+_NUMPY_TO_ORT = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float16): "tensor(float16)",
+                 np.dtype(np.float64): "tensor(double)", np.dtype(np.int64): "tensor(int64)",
+                 np.dtype(np.int32): "tensor(int32)"}
+
+
+def signature(parameters: dict[str, np.ndarray]) -> Signature:
+    """Name -> (shape, onnxruntime type such as 'tensor(float)'), to compare with a session's inputs."""
+    return {name: (tuple(array.shape), _NUMPY_TO_ORT.get(array.dtype, str(array.dtype)))
+            for name, array in parameters.items()}
+
+
+def _free_stack_dims(graph: Signature) -> Signature:
+    # a stack's first dim (how many adapters) is free: a stack file may hold more adapters than the export
+    return {name: (("adapters", *shape[1:]) if name.endswith(STACK_SUFFIX) else shape, dtype)
+            for name, (shape, dtype) in graph.items()}
+
+
+def adapter_fit_problems(parameters: Signature, graph: Signature, partial: bool = False) -> list[str]:
+    """Every way `parameters` (an adapter) does not fit `graph` (its overridable initializers), named.
+    Missing graph blocks are a problem unless `partial` (they then run with the graph's defaults)."""
+    missing, extra = sorted(set(graph) - set(parameters)), sorted(set(parameters) - set(graph))
+    problems = [] if partial else [f"missing block for graph input {name!r}" for name in missing]
+    problems += [f"{name!r} is not an overridable block of the graph" for name in extra]
+    for name in sorted(set(graph) & set(parameters)):
+        (shape, dtype), (expected_shape, expected_dtype) = parameters[name], graph[name]
+        fits = len(shape) == len(expected_shape) and all(
+            not isinstance(want, int) or got == want for got, want in zip(shape, expected_shape, strict=True))
+        if not fits:
+            problems.append(f"{name!r}: shape {shape}, the graph expects {expected_shape}")
+        elif dtype is not None and expected_dtype is not None and dtype != expected_dtype:
+            problems.append(f"{name!r}: dtype {dtype}, the graph expects {expected_dtype}")
+    stack_sizes = {shape[0] for name, (shape, _) in parameters.items() if name.endswith(STACK_SUFFIX) and shape}
+    if len(stack_sizes) > 1:
+        problems.append(f"the stacks hold different numbers of adapters {sorted(stack_sizes)}; one id must mean "
+                        "one adapter in every layer: write them together with write_onnx_stack")
+    if extra and missing:
+        problems += _naming_hints(extra, missing)
+    return problems
+
+
+def _naming_hints(extra: list[str], missing: list[str]) -> list[str]:
+    """When names differ only by the adapter part (or blocks vs stacks), say which option fixes it."""
+    written = {name.rpartition(BLOCK_PART)[0]: name.rpartition(BLOCK_PART)[2] for name in extra if BLOCK_PART in name}
+    exported = {name.rpartition(BLOCK_PART)[0]: name.rpartition(BLOCK_PART)[2] for name in missing if BLOCK_PART in name}
+    shared = set(written) & set(exported)
+    hints = []
+    if shared:
+        file_names = sorted({written[m] for m in shared})
+        graph_names = sorted({exported[m] for m in shared})
+        hints.append(f"the file was written for adapter name(s) {file_names} while the graph was exported with "
+                     f"{graph_names}: write it again with write_onnx_adapter(..., as_name={graph_names[0]!r})")
+    if any(n.endswith(STACK_SUFFIX) for n in extra) and any(BLOCK_PART in n for n in missing):
+        hints.append("the file holds adapter stacks (write_onnx_stack) but the graph has one block per layer: "
+                     "use write_onnx_adapter for this graph, or export with adapter_ids for stacks")
+    if any(BLOCK_PART in n for n in extra) and any(n.endswith(STACK_SUFFIX) for n in missing):
+        hints.append("the file holds single-adapter blocks but the graph was exported with adapter_ids (stacks): "
+                     "write the file with write_onnx_stack")
+    return hints
+
+
+def _write(parameters: dict[str, torch.Tensor], path: str | os.PathLike, model_path: str | os.PathLike | None) -> Path:
     if model_path is None:
         expected = {name: (tuple(block.shape), np.float32) for name, block in parameters.items()}
     else:
         expected = _graph_blocks(Path(model_path))
-    problems = [f"missing block for graph input {name!r}" for name in sorted(set(expected) - set(parameters))]
-    problems += [f"{name!r} is not an overridable block of the graph" for name in sorted(set(parameters) - set(expected))]
-    skip = 1 if stacks else 0  # a stack's first dim (how many adapters) is free
-    for name in sorted(set(expected) & set(parameters)):
-        if tuple(parameters[name].shape)[skip:] != expected[name][0][skip:]:
-            problems.append(f"{name!r}: shape {tuple(parameters[name].shape)}, the graph expects {expected[name][0]}")
+    graph = {name: (shape, None) for name, (shape, _) in expected.items()}  # dtypes follow the graph: cast below
+    signature = {name: (tuple(block.shape), None) for name, block in parameters.items()}
+    problems = adapter_fit_problems(signature, _free_stack_dims(graph))
     if problems:
         raise ValueError(f"adapter does not fit {model_path}:\n  " + "\n  ".join(problems))
     values = {

@@ -2,25 +2,46 @@
 
     session = load_session("model.onnx", device="cuda")   # CPU, with one warning, where CUDA is absent
     logits, = session.run({"input_ids": ids}, adapter="other.onnx_adapter")
+
+Adapter files are read once into a private copy (onnxruntime's LoraAdapter maps the file, so a
+rewrite in place would change an adapter under a running session), checked against the session's
+overridable initializers (names, shapes, dtypes, coverage), fed with each run, and cached by path:
+the next run with the same path rereads the file when it changed (see `_FileIdentity`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import threading
+import time
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
-__all__ = ["load_session", "MissSession"]
+from .adapters import STACK_SUFFIX, adapter_fit_problems, read_onnx_adapter, signature
+
+__all__ = ["load_session", "MissSession", "AdapterFile"]
 
 logger = logging.getLogger(__name__)
 
 _warned_cpu_fallback = False
+
+_ORT_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64,
+                 "tensor(bfloat16)": torch.bfloat16, "tensor(int64)": torch.int64, "tensor(int32)": torch.int32,
+                 "tensor(bool)": torch.bool}
+
+# File systems stamp mtime/ctime from a coarse clock (ext4/xfs/tmpfs: the kernel tick, a few ms;
+# FAT: 2 s), so a same-size rewrite in place within one tick can keep every stat field. While a
+# file's stamps are this recent, its contents are hashed too (git's "racily clean" rule).
+_RACY_NS = 2_000_000_000
+_READ_ATTEMPTS = 3  # a file that changes while it is read is read again
 
 
 def _providers(device: str) -> list[str]:
@@ -38,8 +59,59 @@ def _warn_cpu_fallback(reason: str) -> None:
         _warned_cpu_fallback = True
 
 
+@dataclass(frozen=True)
+class _FileIdentity:
+    """What says a file is still the one loaded: device, inode, size, mtime and ctime (a user cannot
+    set ctime, so `touch -d` or `cp -p` over the file changes it), and, while the stamps are younger
+    than _RACY_NS, a hash of the contents (a same-size rewrite within one clock tick keeps every stat
+    field). Not seen: file systems whose stamps do not move on write (some network mounts) or a clock
+    set back past the stamps; give such files a new name per version."""
+
+    stat: tuple[int, ...]
+    digest: str | None
+
+    @classmethod
+    def of(cls, path: str) -> _FileIdentity:
+        st = os.stat(path)
+        stat = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        racy = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < _RACY_NS
+        return cls(stat, _digest(path) if racy else None)
+
+    def matches(self, current: _FileIdentity, path: str) -> bool:
+        """Whether `current` (of the same path, now) is still the file this identity was taken of."""
+        if current.stat != self.stat:
+            return False
+        # loaded while racy: only the contents can tell a same-stat rewrite apart
+        return self.digest is None or (current.digest or _digest(path)) == self.digest
+
+
+def _digest(path: str) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    """An `.onnx_adapter` as a session loaded it: its own copy of the parameters (graph input name ->
+    tensor on the session's device), checked against the graph. A snapshot: pass the path to
+    MissSession.run to follow the file as it changes."""
+
+    path: str
+    parameters: dict[str, torch.Tensor]
+    missing: list[str]  # graph blocks the file does not hold: they run with the graph's exported values
+
+
+@dataclass
+class _Cached:
+    identity: _FileIdentity
+    adapter: AdapterFile
+
+
 class MissSession:
-    """An InferenceSession with torch I/O, IO binding on CUDA, and cached adapter files."""
+    """An InferenceSession with torch I/O, IO binding on CUDA, and checked, cached adapter files."""
 
     def __init__(self, session: ort.InferenceSession, io_binding: bool = False) -> None:
         self.session = session
@@ -49,41 +121,120 @@ class MissSession:
         # Overridable initializers (MiSS blocks and stacks): fed per run like inputs, or by an adapter file.
         self.overridable_names = [i.name for i in session.get_overridable_initializers()]
         self.output_names = [o.name for o in session.get_outputs()]
-        self._adapters: dict[str, ort.LoraAdapter] = {}
+        self.input_types = {i.name: i.type for i in [*session.get_inputs(), *session.get_overridable_initializers()]}
+        self._overridable = {i.name: (tuple(i.shape), i.type) for i in session.get_overridable_initializers()}
+        self._adapters: dict[str, _Cached] = {}
+        self._adapters_lock = threading.Lock()  # one session serves many threads
 
-    def _adapter(self, adapter: str | os.PathLike | ort.LoraAdapter) -> ort.LoraAdapter:
-        if isinstance(adapter, ort.LoraAdapter):
-            return adapter
-        key = str(Path(adapter).resolve())
-        if key not in self._adapters:
-            if not Path(key).is_file():
-                raise FileNotFoundError(f"adapter file {key} not found; write one with export.write_onnx_adapter")
-            loaded = ort.LoraAdapter()
-            loaded.Load(key)
-            self._adapters[key] = loaded
-        return self._adapters[key]
+    def load_adapter(self, path: str | os.PathLike, partial: bool = False) -> AdapterFile:
+        """The adapter file at `path`, checked against this graph and cached; read again when the
+        file changed (rewritten in place or replaced). A file that leaves graph blocks out is refused
+        unless `partial=True` (those blocks then run with the values the graph was exported with)."""
+        key = str(Path(path).resolve())
+        with self._adapters_lock:
+            cached = self._adapters.get(key)
+            try:
+                current = _FileIdentity.of(key)
+            except FileNotFoundError:
+                self._adapters.pop(key, None)
+                raise FileNotFoundError(f"adapter file {key} not found; write one with export.write_onnx_adapter") from None
+            if cached is None or not cached.identity.matches(current, key):
+                cached = self._adapters[key] = self._read_file(key)
+            elif current.digest is None:
+                # checked past the racy window: any later write gets newer stamps, so the stat decides from now on
+                cached.identity = current
+        self._check_coverage(cached.adapter, partial)
+        return cached.adapter
+
+    def _read_file(self, key: str) -> _Cached:
+        for _ in range(_READ_ATTEMPTS):
+            before = _FileIdentity.of(key)
+            arrays = read_onnx_adapter(key)
+            if _FileIdentity.of(key) == before:  # not rewritten while it was read
+                break
+        else:
+            raise RuntimeError(f"adapter file {key} changed while it was read, {_READ_ATTEMPTS} times; write it "
+                               "atomically (export.write_onnx_adapter writes beside it and renames)")
+        problems = adapter_fit_problems(signature(arrays), self._overridable, partial=True)
+        if problems:
+            raise ValueError(f"adapter file {key} does not fit this graph:\n  " + "\n  ".join(problems))
+        parameters = {name: torch.from_numpy(array).to(self.device) for name, array in arrays.items()}
+        missing = sorted(set(self._overridable) - set(parameters))
+        logger.info("read adapter file %s (%d of %d blocks)", key, len(parameters), len(self._overridable))
+        return _Cached(before, AdapterFile(key, parameters, missing))
+
+    def _check_coverage(self, adapter: AdapterFile, partial: bool) -> None:
+        if adapter.missing and any(name.endswith(STACK_SUFFIX) for name in adapter.parameters):
+            raise ValueError(
+                f"adapter file {adapter.path} holds stacks for {len(adapter.parameters)} of the graph's "
+                f"{len(self._overridable)} overridable inputs (missing {adapter.missing[0]!r}, ...): id k would pick "
+                "the file's k-th adapter in some layers and the export's in others, partial or not. Write every "
+                "layer's stack with write_onnx_stack(model, path, model_path=<this graph>)")
+        if adapter.missing and not partial:
+            missing = adapter.missing
+            shown = ", ".join(repr(name) for name in missing[:3]) + (", ..." if len(missing) > 3 else "")
+            raise ValueError(
+                f"adapter file {adapter.path} covers {len(self._overridable) - len(missing)} of the graph's "
+                f"{len(self._overridable)} blocks; missing {shown}: those layers would run the blocks the graph was "
+                "exported with. Write the file with write_onnx_adapter(..., model_path=<this graph>) to check "
+                "coverage, or pass partial=True if the exported defaults are meant for them")
 
     def run(
         self,
         inputs: Mapping[str, torch.Tensor],
-        adapter: str | os.PathLike | ort.LoraAdapter | None = None,
+        adapter: str | os.PathLike | AdapterFile | ort.LoraAdapter | None = None,
+        partial: bool = False,
     ) -> list[torch.Tensor]:
+        """Outputs as torch tensors. `adapter`: an `.onnx_adapter` path (checked, read again when it
+        changes; see load_adapter for `partial`), an AdapterFile from load_adapter, or an
+        ort.LoraAdapter used as it is (unchecked: onnxruntime does not expose its names)."""
         unknown = sorted(set(inputs) - set(self.input_names) - set(self.overridable_names))
         if unknown:
             raise ValueError(f"unknown inputs {unknown}; the graph takes {self.input_names} "
                              f"and {len(self.overridable_names)} overridable blocks")
+        inputs = {name: self._as_graph_dtype(name, value) for name, value in inputs.items()}
         ids = inputs.get("adapter_ids")
         if ids is not None and ids.numel() and int(ids.min()) < -1:
             # Gather would take -2 as the last real adapter; only -1 (NO_ADAPTER, the zero block) is meant.
             raise ValueError(f"adapter_ids {ids.tolist()}: ids run from 0 to the number of stacked adapters - 1, "
                              "and -1 means no adapter; build them with miss_compile.adapter_ids_for")
         options = ort.RunOptions()
-        if adapter is not None:
-            options.add_active_adapter(self._adapter(adapter))
+        if isinstance(adapter, ort.LoraAdapter):
+            options.add_active_adapter(adapter)
+        elif adapter is not None:
+            inputs = self._with_adapter(inputs, adapter, partial)
         if self.device == "cuda" or self.io_binding:
             return self._run_bound(inputs, options)
         feeds = {name: value.detach().cpu().numpy() for name, value in inputs.items()}
         return [torch.from_numpy(np.asarray(out)) for out in self.session.run(None, feeds, options)]
+
+    def _with_adapter(self, inputs: dict[str, torch.Tensor], adapter: str | os.PathLike | AdapterFile,
+                      partial: bool) -> dict[str, torch.Tensor]:
+        """The adapter's parameters fed as the overridable initializers they replace."""
+        if isinstance(adapter, AdapterFile):
+            self._check_coverage(adapter, partial)
+        else:
+            adapter = self.load_adapter(adapter, partial)
+        both = sorted(set(inputs) & set(adapter.parameters))
+        if both:
+            raise ValueError(f"{both[:3]} given as inputs and by the adapter file {adapter.path}; pass one of them")
+        return {**inputs, **adapter.parameters}
+
+    def _as_graph_dtype(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """`value` in the dtype the graph takes: int32 widens to int64 (exact, and what PyTorch accepts
+        for ids); anything else that differs is refused here, by name, not by onnxruntime."""
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"input {name!r} must be a torch tensor, got {type(value).__name__}")
+        expected = _ORT_TO_TORCH.get(self.input_types.get(name, ""))
+        if expected is None or value.dtype == expected:
+            return value
+        if value.dtype == torch.int32 and expected == torch.int64:
+            return value.to(torch.int64)
+        if name == "adapter_ids":
+            raise ValueError(f"adapter_ids must be a 1-D int64 (or int32) tensor, one id per batch row; got "
+                             f"{value.dtype} of shape {tuple(value.shape)}; build them with miss_compile.adapter_ids_for")
+        raise TypeError(f"input {name!r} is {value.dtype}, and the graph takes {expected} "
+                        f"({self.input_types[name]}); cast it with .to({expected})")
 
     def _run_bound(self, inputs: Mapping[str, torch.Tensor], options: ort.RunOptions) -> list[torch.Tensor]:
         # IO binding: onnxruntime reads the inputs where torch keeps them (no copy through numpy)
