@@ -19,7 +19,9 @@ Which adapters can share a stack, and why (S_r is the chunk sum of DESIGN.md wit
 - bat: refused. Its update W_pq @ D_p + D_p depends on W, so a row's output needs its own
   merged weight; there is no chunk-sum form to gather.
 - blocks of different dtypes: refused (a shared stack would change one adapter's rounding).
-The stack is a snapshot: call stack_adapters again after changing a block.
+The stack is built from the blocks as they are; each selecting call compares every layer's blocks
+(identity, `_version`, storage) with those stacked and restacks when any changed in place, was
+added or removed, or a layer was adapted since (enable_adapter_selection: stack on first use).
 
 Under torch.compile the name-to-id lookup runs eagerly (a graph break ahead of the model), so
 neither the names nor the mix of a batch is guarded on; ids reach the graph as a tensor read from
@@ -41,7 +43,8 @@ from . import reference
 from .layer import MissLinear
 from .peft_compat import from_peft, named_miss_layers, peft_tuner
 
-__all__ = ["NO_ADAPTER", "stack_adapters", "stack_blocks", "adapter_ids_for", "stacked_layers"]
+__all__ = ["NO_ADAPTER", "stack_adapters", "stack_blocks", "adapter_ids_for", "stacked_layers",
+           "enable_adapter_selection", "stale_stacks"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,11 +109,18 @@ def stack_adapters(model: nn.Module, adapter_names: Sequence[str] | None = None,
 
     Our models change in place and are returned; a PEFT MiSS model is converted to our layers
     (a copy, from_peft) and the copy is returned. `rank` forces the stack rank R of every layer
-    (default: the lcm of a layer's ranks). Nothing is changed when a layer refuses.
+    (default: the lcm of a layer's ranks). Nothing is changed when a layer refuses. Stacks follow
+    later changes: a selecting call restacks (same names, or every adapter when none were given).
     """
     _check_rank(rank)
     if peft_tuner(model) is not None:
         model = from_peft(model)
+    _stack(model, adapter_names, rank)
+    model._miss_stack_request = (None if adapter_names is None else list(adapter_names), rank)
+    return model
+
+
+def _stack(model: nn.Module, adapter_names: Sequence[str] | None, rank: int | None) -> None:
     layers = {name: layer for name, layer in named_miss_layers(model).items() if isinstance(layer, MissLinear)}
     if not layers:
         raise ValueError(f"{type(model).__name__} has no MiSS layers; add adapters with apply_miss or load_adapter")
@@ -134,12 +144,80 @@ def stack_adapters(model: nn.Module, adapter_names: Sequence[str] | None = None,
         layer.miss_stack_names = names
         layer.adapter_ids = None
     model.miss_stack_names = names
-    if not getattr(model, "_miss_stack_hook", False):
+    model._miss_stacked_state = _stack_state(named_miss_layers(model))
+    model._miss_stack_hook = True  # export_onnx reads it: the model has stacks
+    _install_selection_hooks(model)
+    logger.info("stacked adapters %s on %d layers", names, len(layers))
+
+
+def _install_selection_hooks(model: nn.Module) -> None:
+    if not getattr(model, "_miss_selection_hook", False):
+        model._miss_layers_given_ids = []
         model.register_forward_pre_hook(_select_adapters, with_kwargs=True)
         model.register_forward_hook(_clear_adapters, always_call=True)  # ids never outlive the call that set them
-        model._miss_stack_hook = True
-    logger.info("stacked adapters %s on %d layers", names, len(layers))
+        model._miss_selection_hook = True
+
+
+def enable_adapter_selection(model: nn.Module) -> nn.Module:
+    """Let `model(..., adapter_names=[...])` / `adapter_ids=` pick an adapter per batch row without an
+    explicit stack_adapters: the first selecting call stacks every adapter that can be stacked, and
+    later ones restack when blocks changed. Idempotent; returns `model`. Without these keywords the
+    model runs its active adapters as before, and nothing is stacked.
+
+    A live PEFT model gets a hook that refuses the keywords instead: PEFT drops `adapter_names` for
+    MiSS (every row would silently run the active adapter) and our stacks need our layers."""
+    if peft_tuner(model) is not None:
+        if not getattr(model, "_miss_selection_hook", False):
+            model.register_forward_pre_hook(_refuse_peft_selection, with_kwargs=True)
+            model._miss_selection_hook = True
+        return model
+    _install_selection_hooks(model)
     return model
+
+
+def _refuse_peft_selection(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    if kwargs.get("adapter_names") is not None or kwargs.get("adapter_ids") is not None:
+        raise ValueError(f"{type(model).__name__} is a PEFT model: PEFT ignores adapter_names for MiSS adapters, so "
+                         "every row would run the active adapter. Serve mixed batches from "
+                         "miss_compile.stack_adapters(model), which returns a converted model that selects per row")
+
+
+def _stack_state(layers: dict[str, nn.Module]) -> dict[str, tuple]:
+    """What a stack was built from: each layer and each block's identity, in-place version and storage."""
+    return {name: (id(layer), tuple((adapter, id(block), block._version, block.data_ptr(), block.shape)
+                                    for adapter, block in layer.miss_block.items()))
+            for name, layer in layers.items()}
+
+
+def stale_stacks(model: nn.Module) -> bool:
+    """True when `model`'s blocks or MiSS layers changed since its adapters were stacked (or were never stacked)."""
+    return getattr(model, "_miss_stacked_state", None) != _stack_state(named_miss_layers(model))
+
+
+def _stackable(layers: dict[str, nn.Module]) -> list[str]:
+    """Every adapter, in the order first seen, but those that are bat on some layer (bat cannot share a stack)."""
+    names = dict.fromkeys(name for layer in layers.values() for name in layer.miss_block)
+    bat = {name for layer in layers.values() for name, variant in getattr(layer, "miss_variant", {}).items()
+           if variant == "bat"}
+    return [name for name in names if name not in bat]
+
+
+def _restack(model: nn.Module, layers: dict[str, nn.Module], by_ids: bool) -> None:
+    """Stack again from the current blocks: the names asked for at stack_adapters, else every
+    stackable adapter, kept in their old order with new ones appended (so existing ids keep their meaning)."""
+    requested, rank = getattr(model, "_miss_stack_request", (None, None))
+    old = getattr(model, "miss_stack_names", None) or []
+    if requested is None:
+        stackable = _stackable(layers)
+        names = [name for name in old if name in stackable] + [name for name in stackable if name not in old]
+    else:
+        names = requested
+    if by_ids and names[:len(old)] != old:
+        raise ValueError(f"the adapters changed since the stack {old} was built; it is now {names}, so adapter_ids "
+                         "built for the old stack would pick other adapters. Build them again with "
+                         "miss_compile.adapter_ids_for(model, names), or pass adapter_names=[...]")
+    logger.info("restacking adapters %s: blocks or layers changed since %s were stacked", names, old)
+    _stack(model, names, rank)
 
 
 def adapter_ids_for(model: nn.Module, adapter_names: Sequence[str | None], device: Any = None) -> torch.Tensor:
@@ -153,10 +231,21 @@ def adapter_ids_for(model: nn.Module, adapter_names: Sequence[str | None], devic
     index = {name: i for i, name in enumerate(stacked)}
     unknown = sorted({name for name in adapter_names if name is not None and name not in index})
     if unknown:
-        raise ValueError(f"adapter_names holds {unknown}, not in the stack {stacked}; re-stack with them "
-                         "(stack_adapters) or use None for no adapter")
+        raise ValueError(f"adapter_names holds {unknown}, not in the stack {stacked}{_why_not_stacked(model, unknown)}")
     ids = [NO_ADAPTER if name is None else index[name] for name in adapter_names]
     return torch.tensor(ids, dtype=torch.int64, device=device)
+
+
+def _why_not_stacked(model: nn.Module, names: list[str]) -> str:
+    layers = named_miss_layers(model)
+    bat = sorted({name for layer in layers.values() for name, variant in getattr(layer, "miss_variant", {}).items()
+                  if name in names and variant == "bat"})
+    if bat:
+        return (f"; {bat} are bat on some layers and bat cannot share a stack (its update depends on W): "
+                "serve them one at a time with set_active_adapters")
+    if any(name in layer.miss_block for layer in layers.values() for name in names):
+        return "; they were left out at stack_adapters(model, names): stack again with them"
+    return "; the model has no such adapter (use None for no adapter)"
 
 
 def _check_ids(model: nn.Module, ids: Any, layers: list[MissLinear]) -> torch.Tensor:
@@ -175,15 +264,36 @@ def _check_ids(model: nn.Module, ids: Any, layers: list[MissLinear]) -> torch.Te
     return ids.to(device=layers[0].miss_stack.device, dtype=torch.int64)
 
 
+def _select_adapters(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook. Without adapter_names / adapter_ids it does nothing (and traces to nothing
+    under torch.compile, fullgraph included); with them, the eager part below runs outside the graph."""
+    if "adapter_names" not in kwargs and "adapter_ids" not in kwargs:
+        return None
+    return _select_adapters_eagerly(model, args, kwargs)
+
+
+def _clear_adapters(model: nn.Module, args: tuple, output: Any) -> None:
+    """Forward hook (always called, errors included): a later call of a submodule alone must not
+    reuse this call's per-row adapters. Only the layers this call gave ids: no walk over the model."""
+    if getattr(model, "_miss_layers_given_ids", None):
+        _clear_given_ids(model)
+
+
 @torch.compiler.disable
-def _select_adapters(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Forward pre-hook: pops adapter_names / adapter_ids, checks them and sets the ids on every stacked layer."""
+def _select_adapters_eagerly(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Pops adapter_names / adapter_ids, restacks stale stacks, checks the ids and sets them on every stacked layer."""
     names, ids = kwargs.pop("adapter_names", None), kwargs.pop("adapter_ids", None)
     if names is not None and ids is not None:
         raise ValueError("pass adapter_names or adapter_ids, not both")
     every = named_miss_layers(model)  # one walk over the model per call
+    selecting = names is not None or ids is not None
+    # Tracing (torch.export's fake ids) uses the stacks as they are: no new tensors inside a trace.
+    if selecting and not (isinstance(ids, torch.Tensor) and is_fake(ids)) and \
+            getattr(model, "_miss_stacked_state", None) != _stack_state(every):
+        _restack(model, every, by_ids=ids is not None)
+        every = named_miss_layers(model)
     layers = [layer for layer in every.values() if _is_stacked(layer)]
-    if names is not None or ids is not None:
+    if selecting:
         unstacked = [name for name, layer in every.items() if not _is_stacked(layer)]
         if unstacked:
             raise ValueError(f"layer {unstacked[0]!r} has MiSS adapters but no stack (adapted after stack_adapters?), "
@@ -197,9 +307,7 @@ def _select_adapters(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
 
 
 @torch.compiler.disable
-def _clear_adapters(model: nn.Module, args: tuple, output: Any) -> None:
-    """Forward hook (always called, errors included): a later call of a submodule alone must not
-    reuse this call's per-row adapters. Only the layers this call gave ids: no walk over the model."""
-    for layer in getattr(model, "_miss_layers_given_ids", ()):
+def _clear_given_ids(model: nn.Module) -> None:
+    for layer in model._miss_layers_given_ids:
         layer.adapter_ids = None
     model._miss_layers_given_ids = []

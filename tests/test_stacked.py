@@ -240,11 +240,18 @@ def test_a_layer_without_any_stacked_adapter_gives_the_base_output_for_every_id(
                                atol=1e-5, rtol=1e-5)
 
 
-def test_a_layer_adapted_after_stacking_is_refused_not_served_its_active_adapter():
+def test_a_layer_adapted_after_stacking_is_restacked_not_served_its_active_adapter():
     model = stack_adapters(adapted(["c"]))  # q_proj, v_proj
     apply_miss(model, MissConfig(r=2, target_modules=["up_proj"]), "late")
-    with pytest.raises(ValueError, match=r"layer 'model.layers.0.mlp.up_proj' has MiSS adapters but no stack"):
-        mixed(model, input_ids(2, 5), adapter_names=["a", None])
+    randomize_all(model, seed=4)
+    names = ["late", "c", None]
+    ids = input_ids(len(names), 5)
+    torch.testing.assert_close(mixed(model, ids, adapter_names=names), rows_alone(model, ids, names),
+                               atol=1e-5, rtol=1e-5)
+    assert model.miss_stack_names == ["c", "late"]  # appended: ids built for ["c"] keep their meaning
+    with pytest.raises(ValueError, match=r"adapter_names holds \['a'\], not in the stack \['c', 'late'\]; the model "
+                                         r"has no such adapter"):
+        mixed(model, ids, adapter_names=["a", None, None])
     with pytest.raises(ValueError, match=r"stack rank 0 must be a positive int"):
         stack_adapters(model, rank=0)
 
