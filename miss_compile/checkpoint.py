@@ -24,14 +24,9 @@ from .adapter_settings import check_consistent
 from .config import MissConfig
 from .files import stage_beside
 from .inject import apply_miss
+from .modules_to_save import wrap_modules_to_save
 from .peft_compat import adapter_variant, model_root, named_miss_layers, peft_tuner
-from .saved_modules import (
-    SavedModule,
-    saved_module_wrappers,
-    saved_targets,
-    saved_tensors,
-    wrap_modules_to_save,
-)
+from .saved_modules import SavedModule, saved_module_wrappers, saved_targets, saved_tensors
 
 __all__ = [
     "save_adapter",
@@ -287,7 +282,7 @@ def load_adapter(
         apply_miss(model, config, adapter_name)
     unwrap = None
     try:
-        unwrap = wrap_modules_to_save(model_root(model), config, adapter_name)
+        unwrap = wrap_modules_to_save(model, config, adapter_name)
         layers = layers_with(model, adapter_name)
         check_blocks(layers, checkpoint.blocks, config, adapter_name, check_finite, directory)
         targets = saved_targets(model_root(model), adapter_name)

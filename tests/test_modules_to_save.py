@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from miss_compile import MissConfig, apply_miss, load_adapter, save_adapter
 from miss_compile.checkpoint import read_adapter, read_checkpoint
+from miss_compile.modules_to_save import wrap_modules_to_save
 from miss_compile.peft_compat import from_peft, named_miss_layers
-from miss_compile.saved_modules import SavedModule, saved_module_wrappers, wrap_modules_to_save
+from miss_compile.saved_modules import SavedModule, saved_module_wrappers
 
 LABELS = 3
 
@@ -108,6 +109,26 @@ def test_our_checkpoint_with_head_loads_in_peft(tmp_path, name):
     torch.testing.assert_close(logits(again, ids), logits(ours, ids), atol=0, rtol=0)
 
 
+def test_head_loads_into_a_live_peft_model_as_a_second_adapter(tmp_path):
+    base, theirs = peft_classifier("llama")
+    theirs.save_pretrained(tmp_path)
+    live = peft.get_peft_model(clone(base), peft.MissConfig(r=4, target_modules=TARGETS["llama"], task_type="SEQ_CLS"))
+    load_adapter(live, tmp_path, adapter_name="trained")
+    live.set_adapter("trained")
+    ids = input_ids()
+    torch.testing.assert_close(logits(live.eval(), ids), logits(theirs, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_peft_adapter_without_head_copy_is_refused(tmp_path):
+    base, theirs = peft_classifier("llama")
+    theirs.save_pretrained(tmp_path)
+    live = peft.get_peft_model(clone(base), peft.MissConfig(r=4, target_modules=TARGETS["llama"])).eval()
+    with pytest.raises(ValueError, match=r"the PEFT model's adapter 'default' has no modules_to_save copy of "
+                                         r"\['score'\]; .* load into a new adapter_name"):
+        load_adapter(live, tmp_path)
+    assert isinstance(live.base_model.model.score, torch.nn.Linear)
+
+
 def test_live_peft_model_saves_its_head(tmp_path):
     base, theirs = peft_classifier("llama")
     save_adapter(theirs, tmp_path)
@@ -151,14 +172,16 @@ def test_from_peft_carries_the_trained_head():
     torch.testing.assert_close(logits(converted, ids), disabled, atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_peft_classifier_matches_eager():
-    from miss_compile import miss_backend
+@pytest.mark.parametrize("kind", ["peft", "ours"])
+def test_compiled_classifier_matches_eager(kind):
+    from miss_compile import explain, miss_backend
 
-    _, theirs = peft_classifier("llama")
+    _, model = peft_classifier("llama") if kind == "peft" else our_classifier("llama")
     ids = input_ids()
-    expected = logits(theirs, ids)
-    compiled = torch.compile(theirs, backend=miss_backend)
+    expected = logits(model, ids)
+    compiled = torch.compile(model, backend=miss_backend)
     torch.testing.assert_close(logits(compiled, ids), expected, atol=1e-5, rtol=1e-5)
+    assert len(explain(model, input_ids=ids).rewritten) == 4  # every adapted Linear still became a MiSS op
 
 
 @pytest.mark.slow
