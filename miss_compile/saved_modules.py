@@ -27,6 +27,7 @@ __all__ = [
     "set_saved_adapters",
     "enable_saved_modules",
     "from_peft_wrapper",
+    "refuse_per_row_selection",
     "is_saved_module_parameter",
 ]
 
@@ -136,6 +137,20 @@ def set_saved_adapters(root: nn.Module, names: str | list[str]) -> None:
 def enable_saved_modules(root: nn.Module, enabled: bool) -> None:
     for wrapper in saved_module_wrappers(root).values():
         wrapper.enable_adapters(enabled)
+
+
+def refuse_per_row_selection(root: nn.Module, what: str) -> None:
+    """For per-row adapter selection (stacked adapters, adapter_ids): each row would need its own
+    adapter's copy, but a wrapper runs one module for the whole batch, so rows of other adapters
+    would get the wrong head. Refused while any adapter holds a copy."""
+    holders = {name: sorted(wrapper.modules_to_save) for name, wrapper in saved_module_wrappers(root).items()
+               if len(wrapper.modules_to_save)}
+    if holders:
+        raise ValueError(
+            f"{what}: adapters train their own copies of {holders} (modules_to_save), and one batch runs one copy "
+            "for every row, so rows of other adapters would get the wrong module. Serve such adapters one per "
+            "batch (set_active_adapters), or export each one separately"
+        )
 
 
 def from_peft_wrapper(peft_wrapper: nn.Module) -> SavedModule:

@@ -305,3 +305,22 @@ def test_each_adapter_runs_its_own_head(tmp_path):
     with pytest.raises(ValueError, match=r"adapters \['default', 'second'\] each train their own copy of 'score'"):
         set_active_adapters(ours, ["default", "second"])
     torch.testing.assert_close(logits(ours, ids), second, atol=1e-5, rtol=1e-5)  # refused: nothing changed
+
+
+def test_per_row_selection_refuses_models_with_heads():
+    from miss_compile.saved_modules import refuse_per_row_selection
+
+    _, theirs = peft_classifier("llama")
+    with pytest.raises(ValueError, match=r"stack_adapters: adapters train their own copies of \{'score': \['default'\]\} "
+                                         r"\(modules_to_save\), and one batch runs one copy for every row"):
+        refuse_per_row_selection(from_peft(theirs), "stack_adapters")
+    refuse_per_row_selection(classifier("llama"), "stack_adapters")  # no heads: nothing to refuse
+
+
+@NEEDS_WIRING
+def test_stack_adapters_refuses_a_model_with_heads():
+    from miss_compile import stack_adapters
+
+    _, theirs = peft_classifier("llama")
+    with pytest.raises(ValueError, match=r"stack_adapters: adapters train their own copies of \{'score'"):
+        stack_adapters(theirs)
