@@ -6,9 +6,9 @@ import torch
 from conftest import build, clone, copy_blocks, input_ids, model_output, randomize_blocks
 from torch import nn
 
-from miss_compile import MissConfig, apply_miss, explain
+from miss_compile import MissConfig, apply_miss, explain, make_backend, passes
 from miss_compile.explain import pass_only_backend
-from miss_compile.passes import MISS_OPS
+from miss_compile.passes import MISS_OPS, rewrite_miss_linears
 from miss_compile.peft_compat import named_miss_layers
 
 CONFIGS = {
@@ -18,7 +18,7 @@ CONFIGS = {
 }
 
 
-def compile_pass_only(model, dynamic=False):
+def compile_pass_only(model, dynamic=False, fullgraph=True):
     reports, graphs = [], []
     inner = pass_only_backend(reports)
 
@@ -27,7 +27,7 @@ def compile_pass_only(model, dynamic=False):
         graphs.append(gm.graph)
         return compiled
 
-    return torch.compile(model, backend=backend, fullgraph=True, dynamic=dynamic), reports, graphs
+    return torch.compile(model, backend=backend, fullgraph=fullgraph, dynamic=dynamic), reports, graphs
 
 
 def count(graph, targets):
@@ -164,3 +164,130 @@ def test_explain_names_rewritten_and_untouched_layers():
     assert "rewritten  base_model.model.model.layers.0.self_attn.q_proj: bat, 1 adapter(s), peft pattern" in text
     report = explain(LookAlike("other input"), torch.randn(2, 12), torch.randn(2, 12))
     assert "untouched  proj: the adapter branch reads" in str(report)
+
+
+# --- activation checkpointing: the pass rewrites inside higher-order ops' bodies
+
+
+def peft_llama_checkpointed(variant):
+    """A PEFT Llama in training with gradient checkpointing (transformers): Dynamo puts each decoder
+    layer in a tag_activation_checkpoint body."""
+    _, _, theirs = adapted_pair("llama", variant)
+    for module in theirs.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0  # same masks in both runs
+    theirs.train()
+    theirs.gradient_checkpointing_enable()
+    return theirs
+
+
+def assert_same_gradients(model, reference_model, tolerance=1e-5):
+    for (name, param), (_, expected) in zip(model.named_parameters(), reference_model.named_parameters(), strict=True):
+        assert (param.grad is None) == (expected.grad is None), name
+        if param.grad is not None:
+            torch.testing.assert_close(param.grad, expected.grad, atol=tolerance, rtol=tolerance, msg=name)
+
+
+@pytest.mark.parametrize("variant", ["balance", "bat"])
+def test_gradient_checkpointing_is_rewritten_and_trains_like_eager(variant):
+    theirs = peft_llama_checkpointed(variant)
+    reference_model = clone(theirs)
+    compiled, reports, graphs = compile_pass_only(theirs, fullgraph=False)
+    ids = input_ids()
+    loss = compiled(input_ids=ids, labels=ids, use_cache=False).loss
+    expected = reference_model(input_ids=ids, labels=ids, use_cache=False).loss
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    loss.backward()
+    expected.backward()
+    assert_same_gradients(theirs, reference_model)
+    rewritten = [item for report in reports for item in report.rewritten]
+    assert len(rewritten) == len(named_miss_layers(theirs)) == 14
+    assert not any(report.skipped for report in reports)
+    bodies = [gm for graph in graphs for name, gm in graph.owning_module.named_children() if name.startswith("wrap_body")]
+    assert len(bodies) == 2 and all(count(body.graph, MISS_OPS) == 7 for body in bodies)
+    report = explain(theirs, input_ids=ids, use_cache=False)
+    assert str(report).startswith("miss_backend: 14 MiSS Linear(s) as miss ops, 0 left as they were")
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, use_reentrant):
+        super().__init__()
+        self.use_reentrant = use_reentrant
+        self.proj = nn.Linear(12, 8)
+        self.block = nn.Parameter(torch.randn(4, 8) * 0.1)
+
+    def adapted(self, x):
+        return self.proj(x) + x.reshape(*x.shape[:-1], 3, 4).sum(-2) @ self.block
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.adapted, x, use_reentrant=self.use_reentrant).tanh()
+
+
+@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_torch_checkpoint_regions_are_rewritten(use_reentrant, merge):
+    torch.manual_seed(0)
+    model = Checkpointed(use_reentrant)
+    if merge:
+        model.block.requires_grad_(False)
+    reference_model = clone(model)
+    x = torch.randn(2, 3, 12, requires_grad=True)
+    x_reference = x.detach().clone().requires_grad_(True)
+    reports = []
+    compiled = torch.compile(model, backend=pass_only_backend(reports, merge=merge), fullgraph=True, dynamic=False)
+    got, expected = compiled(x), reference_model(x_reference)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    got.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(x.grad, x_reference.grad, atol=1e-6, rtol=1e-6)
+    if not merge:
+        assert_same_gradients(model, reference_model, 1e-6)
+    (report,) = reports
+    assert [(item.layer, item.merged) for item in report.rewritten] == [("proj", merge)] and not report.skipped
+
+
+def test_unreadable_higher_order_body_is_reported():
+    """A region the pass cannot enter is named in the report, never silently counted as nothing."""
+    root = nn.Module()
+    root.body = nn.Linear(2, 2)  # not a GraphModule: nothing to read
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    body = graph.get_attr("body")
+    graph.output(graph.call_function(torch.ops.higher_order.tag_activation_checkpoint, (body, x)))
+    torch.fx.GraphModule(root, graph)
+    report = rewrite_miss_linears(graph)
+    assert report.skipped == [("tag_activation_checkpoint", "tag_activation_checkpoint runs body, which the pass cannot read")]
+
+
+def test_internal_matcher_error_leaves_the_layer_as_it_was(monkeypatch, caplog):
+    """A bug in a matcher is reported, logged and leaves the graph as it was; the compile goes on."""
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(passes, "_match_chunk_term", broken)
+    model = LookAlike("other input")
+    x, other = torch.randn(2, 12), torch.randn(2, 12)
+    compiled, reports, graphs = compile_pass_only(model)
+    with caplog.at_level("WARNING", logger="miss_compile.passes"):
+        torch.testing.assert_close(compiled(x, other), model(x, other))
+    assert reports[0].skipped == [("proj", "internal matcher error: RuntimeError: boom")]
+    assert count(graphs[0], MISS_OPS) == 0 and count(graphs[0], LINEARS) == 1
+    assert "internal matcher error" in caplog.text
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_through_inductor_trains_like_eager():
+    """The real backend: AOT autograd and Inductor take miss ops inside checkpointed bodies."""
+    theirs = peft_llama_checkpointed("balance")
+    reference_model = clone(theirs)
+    backend = make_backend()
+    compiled = torch.compile(theirs, backend=backend)
+    ids = input_ids()
+    loss = compiled(input_ids=ids, labels=ids, use_cache=False).loss
+    expected = reference_model(input_ids=ids, labels=ids, use_cache=False).loss
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    loss.backward()
+    expected.backward()
+    assert_same_gradients(theirs, reference_model)
+    assert sum(len(report.rewritten) for report in backend.graph_pass.reports) == 14
