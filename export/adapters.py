@@ -15,7 +15,7 @@ from torch import nn
 from miss_compile.checkpoint import read_adapter
 from miss_compile.files import stage_beside
 from miss_compile.peft_compat import named_miss_layers
-from miss_compile.stacked import stacked_layers
+from miss_compile.stacked import refresh_stacks, stacked_layers
 
 __all__ = ["write_onnx_adapter", "write_onnx_stack", "adapter_parameters", "stack_parameters",
            "read_onnx_adapter", "signature", "adapter_fit_problems", "BLOCK_PART", "STACK_SUFFIX"]
@@ -77,7 +77,9 @@ def write_onnx_adapter(
 
 
 def stack_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Graph input name -> stack [adapters, r, out], for every stacked layer of `model`."""
+    """Graph input name -> stack [adapters, r, out], for every stacked layer of `model` (restacked
+    first when blocks changed since stack_adapters: a stack file never holds stale blocks)."""
+    refresh_stacks(model)
     stacked = {id(layer) for layer in stacked_layers(model)}
     layers = {name: layer for name, layer in named_miss_layers(model).items() if id(layer) in stacked}
     if not layers:

@@ -44,7 +44,7 @@ from .layer import MissLinear
 from .peft_compat import from_peft, named_miss_layers, peft_tuner
 
 __all__ = ["NO_ADAPTER", "stack_adapters", "stack_blocks", "adapter_ids_for", "stacked_layers",
-           "enable_adapter_selection", "stale_stacks"]
+           "enable_adapter_selection", "stale_stacks", "refresh_stacks"]
 
 logger = logging.getLogger(__name__)
 
@@ -220,8 +220,27 @@ def _restack(model: nn.Module, layers: dict[str, nn.Module], by_ids: bool) -> No
     _stack(model, names, rank)
 
 
+def refresh_stacks(model: nn.Module) -> bool:
+    """Restack `model` if its blocks or MiSS layers changed since it was stacked; True when it did.
+    A model never stacked is left alone. Selecting calls, adapter_ids_for and write_onnx_stack do it
+    first; an export of a stacked model should too (torch.export traces the stacks as they are)."""
+    if getattr(model, "miss_stack_names", None) is None:
+        return False
+    layers = named_miss_layers(model)
+    if getattr(model, "_miss_stacked_state", None) == _stack_state(layers):
+        return False
+    _restack(model, layers, by_ids=False)
+    return True
+
+
 def adapter_ids_for(model: nn.Module, adapter_names: Sequence[str | None], device: Any = None) -> torch.Tensor:
-    """The ids of `adapter_names` in `model`'s stack (None -> NO_ADAPTER), as an int64 tensor."""
+    """The ids of `adapter_names` in `model`'s stack (None -> NO_ADAPTER), as an int64 tensor;
+    restacked first if blocks changed (ids of adapters already stacked keep their meaning)."""
+    refresh_stacks(model)
+    return _ids_for(model, adapter_names, device)
+
+
+def _ids_for(model: nn.Module, adapter_names: Sequence[str | None], device: Any = None) -> torch.Tensor:
     stacked = getattr(model, "miss_stack_names", None)
     if stacked is None:
         raise ValueError(f"{type(model).__name__} has no adapter stacks; call miss_compile.stack_adapters(model) first")
@@ -298,7 +317,7 @@ def _select_adapters_eagerly(model: nn.Module, args: tuple, kwargs: dict) -> tup
         if unstacked:
             raise ValueError(f"layer {unstacked[0]!r} has MiSS adapters but no stack (adapted after stack_adapters?), "
                              "so it would give every row its active adapter; call miss_compile.stack_adapters(model) again")
-        ids = adapter_ids_for(model, names) if names is not None else ids
+        ids = _ids_for(model, names) if names is not None else ids
         ids = _check_ids(model, ids, layers)
     for layer in layers:
         layer.adapter_ids = ids

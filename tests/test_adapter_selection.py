@@ -80,9 +80,9 @@ def test_adapter_names_without_stack_adapters_follow_blocks_and_new_adapters(arc
     assert_rows(model, ids, ["a", "b", None])  # restacked: the new numbers
     apply_miss(model, ADAPTERS["c"], "c")
     names = ["c", "a", "b", None]
+    by_id = adapter_ids_for(model, names)  # restacks first: "c" is known before any call
+    assert model.miss_stack_names == ["a", "b", "c"] and by_id.tolist() == [2, 0, 1, -1]  # appended: old ids hold
     assert_rows(model, input_ids(4, 5, seed=3), names)
-    assert model.miss_stack_names == ["a", "b", "c"]  # appended: ids of the old stack keep their meaning
-    by_id = adapter_ids_for(model, names)
     torch.testing.assert_close(mixed(model, input_ids(4, 5, seed=3), adapter_ids=by_id.to(torch.int32)),
                                rows_alone(model, input_ids(4, 5, seed=3), names), atol=1e-5, rtol=1e-5)
 

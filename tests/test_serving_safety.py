@@ -266,10 +266,13 @@ def test_a_stack_file_missing_a_layer_is_refused_even_as_partial(stacked_graph, 
 
 
 def test_stack_file_adapter_ids_in_int32(stacked_graph, tmp_path):
-    """A stack file with one more adapter, selected with int32 ids: new stacks, same graph."""
+    """A stack file with one more adapter, selected with int32 ids: new stacks, same graph. Blocks
+    changed in place after stack_adapters are what the file holds, not the stacks of before."""
     model, path = stacked_graph
     grown = adapted(seed=9, names=("a", "b", "c"))
     stack_adapters(grown)
+    with torch.no_grad():
+        grown.down.miss_block["c"].mul_(-3)
     adapter = write_onnx_stack(grown, tmp_path / "three.onnx_adapter", path)
     names = ["c", "a", None]
     (logits,) = load_session(path, device="cpu").run(
