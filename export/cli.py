@@ -89,19 +89,21 @@ def main(argv: list[str] | None = None) -> int:
         lambda: export_onnx(model, kwargs={"input_ids": input_ids}, path=args.output,
                             merged=not args.unmerged, dtype=DTYPES[args.dtype]),
     )
-    if args.unmerged:
-        adapter_path = args.output.with_suffix(".onnx_adapter")
+    adapter_path = args.output.with_suffix(".onnx_adapter") if args.unmerged else None
+    if adapter_path is not None:
         progress.step(f"writing {adapter_path}", lambda: write_onnx_adapter(args.adapter, adapter_path, args.output))
-    session = progress.step(f"running once on {args.device}", lambda: _check_run(args.output, args.device, input_ids))
+    session = progress.step(f"running once on {args.device}",
+                            lambda: _check_run(args.output, args.device, input_ids, adapter_path))
     print(f"summary: {result.path} ({kind}, {args.dtype}), {result.nodes} nodes, {result.bytes / 1e6:.1f} MB, "
           f"max abs error vs torch {result.max_abs_error:.2e}, onnxruntime on {session.device}, "
           f"{time.perf_counter() - start:.1f}s in all")
     return 0
 
 
-def _check_run(path: Path, device: str, input_ids: torch.Tensor) -> Any:
+def _check_run(path: Path, device: str, input_ids: torch.Tensor, adapter_path: Path | None) -> Any:
+    """One run as a server would do it: with the written adapter file, checked against the graph at load."""
     session = load_session(path, device=device)
-    session.run({"input_ids": input_ids})
+    session.run({"input_ids": input_ids}, adapter=adapter_path)
     return session
 
 
