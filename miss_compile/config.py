@@ -55,6 +55,11 @@ class MissConfig:
     or "all-linear" (every Linear / Conv1D except the model's output head).
     init: "zeros" (PEFT's default, the adapted model starts equal to the base) or "random"
     (PEFT's `init_weights=False`, Kaiming uniform). Only the block's starting value depends on it.
+    modules_to_save: modules trained whole beside the adapter (a SEQ_CLS run's `score` / `classifier`
+    head), PEFT's rule: a module whose name ends with an entry; saved under PEFT's keys.
+    layers_to_transform / layers_pattern: PEFT's layer filter on a list of target_modules (an index or
+    a list; the first number after `<pattern>.`, or after any segment without a pattern). As in PEFT,
+    an exact module name in target_modules skips the filter, and layers_pattern alone selects nothing.
     """
 
     r: int = 64
