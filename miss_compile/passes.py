@@ -343,7 +343,9 @@ def _match_bat_linear(linear: fx.Node) -> _Match:
         previous, delta = add_operands(current)
         block, nodes = _match_bat_delta(delta, previous)
         blocks.insert(0, block)
-        _single_user(current)
+        # Read by the Linear, or by the next adapter's fold and delta (PEFT's W_k with several adapters).
+        if any(user not in region for user in current.users):
+            raise NoMatch(f"{current.name} is also used outside the bat fold")
         region += [current, *nodes]
         current = previous
     base, weight_casts = _lossless_root(current, through_detach=True)
