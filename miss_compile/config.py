@@ -59,7 +59,7 @@ class MissConfig:
     head), PEFT's rule: a module whose name ends with an entry; saved under PEFT's keys.
     layers_to_transform / layers_pattern: PEFT's layer filter on a list of target_modules (an index or
     a list; the first number after `<pattern>.`, or after any segment without a pattern). As in PEFT,
-    an exact module name in target_modules skips the filter, and layers_pattern alone selects nothing.
+    an exact module name in target_modules skips the filter; layers_pattern alone changes nothing.
     """
 
     r: int = 64

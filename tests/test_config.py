@@ -125,3 +125,32 @@ def test_from_peft_warns_on_unknown_fields():
     with pytest.warns(UserWarning, match=r"ignoring fields unknown to PEFT's MissConfig: \['rank_pattern'\]"):
         config = MissConfig.from_peft({"peft_type": "MISS", "r": 2, "target_modules": ["q"], "rank_pattern": {}})
     assert config.r == 2
+
+
+@pytest.mark.parametrize("name,pattern,index", [
+    ("model.layers.3.self_attn.q_proj", None, 3),
+    ("model.layers.1.mlp.experts.0.up_proj", None, 1),  # the first number, not the expert's
+    ("transformer.h.2.attn.c_attn", "h", 2),
+    ("encoder.layer.4.attention.self.query", ["h", "layer"], 4),
+    ("model.layers.3.self_attn.q_proj", "blocks", None),
+    ("model.lm_head", None, None),
+])
+def test_layer_index_is_found_as_peft_finds_it(name, pattern, index):
+    from miss_compile.config import layer_index
+
+    assert layer_index(name, pattern) == index
+    peft_config = peft.MissConfig(r=2, target_modules=[name.rpartition(".")[2]], layers_to_transform=[index or 0],
+                                  layers_pattern=pattern)
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    selected_by_peft = bool(check_target_module_exists(peft_config, name))
+    assert selected_by_peft == (index is not None)
+    assert MissConfig.from_peft(peft_config).selects(name) == selected_by_peft
+
+
+def test_layers_to_transform_zero_is_kept():
+    config = MissConfig.from_peft({"peft_type": "MISS", "r": 2, "target_modules": ["q_proj"], "layers_to_transform": 0})
+    assert config.layers_to_transform == 0
+    assert config.selects("model.layers.0.self_attn.q_proj")
+    assert not config.selects("model.layers.1.self_attn.q_proj")
+    assert config.to_peft_dict()["layers_to_transform"] == 0
