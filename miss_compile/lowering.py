@@ -29,7 +29,7 @@ __all__ = ["miss_linear_decomposition", "bat_linear_decomposition", "stacked_lin
 
 
 def _adapter_product(adapter_input: torch.Tensor, block: torch.Tensor, out_features: int) -> torch.Tensor:
-    product = reference.chunk_sum(adapter_input, block.shape[0]) @ block  # [..., out] or [..., mini_r]
+    product = ops.chunk_sum_for(adapter_input, block) @ block  # [..., out] or [..., mini_r]
     if block.shape[1] != out_features:
         product = product.repeat(*([1] * (product.dim() - 1)), out_features // block.shape[1])
     return product

@@ -7,8 +7,11 @@ miss::stacked_linear  y[b] = x[b] @ W.T + b + S(x[b]) @ stack[id_b]  one balance
 
 `a_k` is the adapter input of adapter k: x cast to D_k's dtype, then dropout (both outside the op,
 so the op stays deterministic and dropout's own autograd keeps its mask). It may be x itself, or x
-already zero-padded to a multiple of r (PEFT pads). The math is reference.py's; the backward
+already zero-padded to a multiple of r (PEFT pads). S(a_k) is summed in a_k's dtype and cast to
+D_k's before the GEMM (a no-op unless autocast lowered D_k). The math is reference.py's; the backward
 formulas are written here so balance/mini save only the chunk sums S(a_k) [tokens, r], never x.
+
+Under torch.autocast each op computes what PEFT's eager code computes there (see the end of the file).
 """
 
 from __future__ import annotations
@@ -63,6 +66,13 @@ def reads_x(x: torch.Tensor, adapter_inputs: list[torch.Tensor], weight: torch.T
     return [a is x and block.dtype == weight.dtype == x.dtype for a, block in zip(adapter_inputs, blocks, strict=True)]
 
 
+def chunk_sum_for(adapter_input: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """S(a) in a's dtype, then in the block's: PEFT's matmul under autocast sums x in the adapter's
+    dtype and casts the sum, not x, to the autocast dtype."""
+    chunk_sum = reference.chunk_sum(adapter_input, block.shape[0])
+    return chunk_sum if chunk_sum.dtype == block.dtype else chunk_sum.to(block.dtype)  # .to() would alias the sum
+
+
 def block_variant(block: torch.Tensor, out_features: int) -> str:
     return "balance" if block.shape[1] == out_features else "mini"
 
@@ -86,7 +96,7 @@ def miss_linear(
     _check_chunk_blocks(x, adapter_inputs, weight, blocks)
     result = F.linear(x, weight, bias)
     for a, block in zip(adapter_inputs, blocks, strict=True):
-        result = result + reference.chunk_sum(a, block.shape[0]) @ _expanded(block, weight.shape[0])
+        result = result + chunk_sum_for(a, block) @ _expanded(block, weight.shape[0])
     return result.to(x.dtype)
 
 
@@ -106,7 +116,7 @@ def _(
 def _linear_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
     x, adapter_inputs, weight, bias, blocks = inputs
     chunk_sums = [
-        reference.chunk_sum(a, block.shape[0]) if block.requires_grad else None
+        chunk_sum_for(a, block) if block.requires_grad else None
         for a, block in zip(adapter_inputs, blocks, strict=True)
     ]
     ctx.adapter_widths = [a.shape[-1] for a in adapter_inputs]
@@ -349,3 +359,51 @@ def _stacked_backward(ctx: Any, grad: torch.Tensor) -> tuple:
 
 
 stacked_linear.register_autograd(_stacked_backward, setup_context=_stacked_setup_context)
+
+
+# --- autocast: the dtypes eager code gets under torch.autocast
+#
+# PEFT's MissLinear under autocast: F.linear and the matmul S(a) @ D run in the autocast dtype, the
+# chunk sum in the adapter input's dtype (S is cast, not x), the adds follow the operands, and the
+# result is cast back to x's dtype. Without a rule of their own, the ops would ignore autocast in
+# eager mode's inner calls differently from their decompositions under Inductor. So, like an aten
+# op in autocast's lower-precision list: cast x, weight, bias and blocks (floating, on the autocast
+# device, not fp64) to the autocast dtype, run the op with autocast off, and return x's dtype as
+# PEFT does. Adapter inputs keep their dtype (their sums are cast inside the op). Bat folds in fp32
+# from the cast W and D (PEFT rounds only W_pq @ D_p to the autocast dtype): within bf16 rounding.
+
+_AUTOCAST_KEPT_ARGS = {"linear": (1,), "bat_linear": (), "stacked_linear": ()}  # args not cast
+_autocast_library = torch.library.Library("miss", "FRAGMENT")  # keeps the registrations alive
+
+
+def _autocast_cast(value: Any, device_type: str, dtype: torch.dtype) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_autocast_cast(item, device_type, dtype) for item in value]
+    eligible = (isinstance(value, torch.Tensor) and value.is_floating_point()
+                and value.device.type == device_type and value.dtype != torch.float64)
+    return value.to(dtype) if eligible else value
+
+
+def _autocast_kernel(op: torch._ops.OpOverload, device_type: str, kept: tuple[int, ...]) -> Any:
+    autocast_key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+
+    def kernel(_keyset: Any, *args: Any) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype(device_type)
+        cast = [arg if index in kept else _autocast_cast(arg, device_type, dtype) for index, arg in enumerate(args)]
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(autocast_key)):
+            out = op(*cast)
+        return out.to(args[0].dtype)
+
+    return kernel
+
+
+def _register_autocast_rules() -> None:
+    for name, kept in _AUTOCAST_KEPT_ARGS.items():
+        op = getattr(torch.ops.miss, name).default
+        for device_type in ("cpu", "cuda", "xpu"):
+            if torch.amp.is_autocast_available(device_type):
+                key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+                _autocast_library.impl(name, _autocast_kernel(op, device_type, kept), key, with_keyset=True)
+
+
+_register_autocast_rules()
