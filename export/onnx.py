@@ -64,22 +64,42 @@ class ExportResult:
         return f"{self.path}: {kind}, {self.nodes} nodes, {self.bytes / 1e6:.1f} MB, {self.seconds:.1f}s{error}"
 
 
-def prepare(model: nn.Module, merged: bool, dtype: torch.dtype | None = None) -> nn.Module:
-    """The module that is exported: a copy, our layers (PEFT's swapped), eval mode, no KV cache."""
+def prepare(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """The module that is exported: a copy, our layers (PEFT's swapped), eval mode, no KV cache, and
+    every disabled layer unmerged (what PEFT's forward does first), so the copy computes exactly
+    what the model's forward would."""
     prepared = from_peft(model)
     prepared.eval()
     if dtype is not None:
         prepared.to(dtype)
     if getattr(prepared, "config", None) is not None and hasattr(prepared.config, "use_cache"):
         prepared.config.use_cache = False  # no past-key-values export yet: outputs are tensors only
-    if merged and named_miss_layers(prepared):
-        merge_adapters(prepared)
-        for name, layer in list(named_miss_layers(prepared).items()):
-            if layer.disable_adapters:
+    for name, layer in named_miss_layers(prepared).items():
+        if layer.disable_adapters and layer.merged:
+            try:
                 layer.unmerge()
-            parent_name, _, child_name = name.rpartition(".")
-            setattr(prepared.get_submodule(parent_name), child_name, layer.base_layer)
+            except ValueError as error:
+                raise ValueError(f"layer {name!r} is merged while its adapters are disabled, and cannot be "
+                                 f"unmerged: {error}") from None
     return prepared
+
+
+def fold_adapters(prepared: nn.Module) -> None:
+    """Merged export: adapters folded into W (a weight other modules read too gets its own merged
+    copy; theirs stays) and each layer unwrapped to its base layer. `prepared` is a copy (prepare)."""
+
+    def unwrap(name: str, layer: nn.Module) -> None:
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(prepared.get_submodule(parent_name), child_name, layer.base_layer)
+
+    for name, layer in named_miss_layers(prepared).items():
+        if layer.disable_adapters:  # its output is the base layer's (prepare unmerged it)
+            unwrap(name, layer)
+    if named_miss_layers(prepared):
+        with _quiet("miss_compile.inject"):  # its warnings speak of the user's model; this is a copy
+            merge_adapters(prepared)
+    for name, layer in named_miss_layers(prepared).items():
+        unwrap(name, layer)
 
 
 def _dynamic_dims(value: torch.Tensor, name: str = "") -> dict[int, str]:
@@ -213,11 +233,16 @@ def export_onnx(
     if stacked and merged:
         raise ValueError("adapter_ids given with merged=True; each batch row has its own adapter, so a stacked "
                          "export is unmerged: pass merged=False")
-    prepared = prepare(model, merged, dtype)
+    prepared = prepare(model, dtype)
     if stacked:
         kwargs, args = _named_inputs(prepared, args, kwargs), ()
         _take_adapter_ids(prepared, kwargs)
     args, kwargs = _cast_inputs(args, dtype), _cast_inputs(kwargs, dtype)
+    # The outputs to validate against come from the adapters as they run, before any merge: a
+    # merge that changed what it must not (a weight read elsewhere too) then fails validation.
+    expected = _expected_outputs(prepared, args, kwargs, dynamic) if validate else None
+    if merged and named_miss_layers(prepared):
+        fold_adapters(prepared)
     size = sum(p.numel() * p.element_size() for p in prepared.parameters())
     if external_data is None:
         external_data = size > 2**31 - 2**26  # protobuf's 2 GB, with headroom for the graph
@@ -245,7 +270,7 @@ def export_onnx(
         if validate:
             from .validate import validate_export
 
-            errors.extend(validate_export(prepared, staged, args, kwargs, dynamic))
+            errors.extend(validate_export(prepared, staged, args, kwargs, dynamic, expected))
 
     _save_atomically(program, path, external_data, check)
     result = ExportResult(
@@ -261,6 +286,12 @@ def export_onnx(
     result.seconds = time.perf_counter() - start
     logger.info("%s", result)
     return result
+
+
+def _expected_outputs(prepared: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> list:
+    from .validate import expected_outputs
+
+    return expected_outputs(prepared, args, kwargs, dynamic)
 
 
 @contextlib.contextmanager
