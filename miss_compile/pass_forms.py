@@ -25,7 +25,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 __all__ = [
     "NoMatch", "bind", "val", "same", "same_shape", "is_call", "describe", "linear_operands", "add_operands",
     "matmul_operands", "chunk_sum_operands", "reshape_source", "permute_dims", "repeat_operands",
-    "pad_operands", "dropout_operands", "cast_source", "lossless", "may_mutate",
+    "pad_operands", "dropout_operands", "cast_source", "lossless", "may_mutate", "is_param", "single_user",
+    "lossless_root", "check_no_writes",
 ]
 
 
@@ -263,6 +264,52 @@ def cast_source(node: object) -> object:
     _require(before.device == after.device and same_shape(tuple(before.shape), tuple(after.shape)),
              f"{node.name} moves or reshapes its input")
     return source
+
+
+# --- what a matched region may read and share
+
+
+def is_param(node: object) -> bool:
+    """A graph input or attribute (parameters arrive so in Dynamo graphs and in the bodies of
+    higher-order ops), not computed in the graph."""
+    return isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr") and val(node) is not None
+
+
+def single_user(node: fx.Node) -> fx.Node:
+    users = list(node.users)
+    if len(users) != 1:
+        raise NoMatch(f"{node.name} is used {len(users)} times; the adapter branch must be private")
+    return users[0]
+
+
+def lossless_root(node: object, through_detach: bool) -> tuple[object, list[fx.Node]]:
+    """Back through casts that keep every value (and clones); detaches only if asked."""
+    nodes = []
+    while isinstance(node, fx.Node):
+        detaches = node.target in ("detach",) or getattr(node.target, "__name__", "") == "_get_data_attr"
+        try:
+            source = cast_source(node)
+        except NoMatch:
+            break
+        if (detaches and not through_detach) or not lossless(val(source).dtype, val(node).dtype):
+            break
+        nodes.append(node)
+        node = source
+    return node, nodes
+
+
+def check_no_writes(region: list[fx.Node], anchor: fx.Node) -> None:
+    """Nothing from the region's first node to the op's place may write: the op reads x, W, b and
+    the blocks there, where the original branch read them earlier."""
+    order = {node: index for index, node in enumerate(anchor.graph.nodes)}
+    members = set(region)
+    first = min(members, key=order.__getitem__)
+    node = first
+    while node is not anchor:
+        if node not in members and may_mutate(node):
+            raise NoMatch(f"{describe(node)} may write to memory between {first.name} and {anchor.name}, "
+                          "inside the adapter branch")
+        node = node.next
 
 
 # --- writes

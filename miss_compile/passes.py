@@ -33,20 +33,23 @@ from .pass_forms import (
     add_operands,
     bind,
     cast_source,
+    check_no_writes,
     chunk_sum_operands,
     describe,
     dropout_operands,
     is_call,
+    is_param,
     linear_operands,
     lossless,
+    lossless_root,
     matmul_operands,
-    may_mutate,
     pad_operands,
     permute_dims,
     repeat_operands,
     reshape_source,
     same,
     same_shape,
+    single_user,
     val,
 )
 
@@ -106,12 +109,6 @@ class _Match:
 # --- node helpers
 
 
-def _is_param(node: object) -> bool:
-    """A graph input or attribute (parameters arrive so in Dynamo graphs and in the bodies of
-    higher-order ops), not computed in the graph."""
-    return isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr") and val(node) is not None
-
-
 def layer_name(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
@@ -121,46 +118,6 @@ def layer_name(node: fx.Node) -> str:
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
     path = re.sub(r"^L\['self'\]\.?", "", path)
     return path.removesuffix(".base_layer")
-
-
-def _single_user(node: fx.Node) -> fx.Node:
-    users = list(node.users)
-    if len(users) != 1:
-        raise NoMatch(f"{node.name} is used {len(users)} times; the adapter branch must be private")
-    return users[0]
-
-
-def _lossless_root(node: object, through_detach: bool) -> tuple[object, list[fx.Node]]:
-    """Back through casts that keep every value (and clones); detaches only if asked."""
-    nodes = []
-    while isinstance(node, fx.Node):
-        detaches = node.target in ("detach",) or getattr(node.target, "__name__", "") == "_get_data_attr"
-        try:
-            source = cast_source(node)
-        except NoMatch:
-            break
-        if (detaches and not through_detach) or not lossless(val(source).dtype, val(node).dtype):
-            break
-        nodes.append(node)
-        node = source
-    return node, nodes
-
-
-def _check_no_writes(region: list[fx.Node], anchor: fx.Node) -> None:
-    """Nothing from the region's first node to the op's place may write: the op reads x, W, b and
-    the blocks there, where the original branch read them earlier."""
-    first = min(region, key=_position(anchor.graph))
-    node = first
-    while node is not anchor:
-        if node not in region and may_mutate(node):
-            raise NoMatch(f"{describe(node)} may write to memory between {first.name} and {anchor.name}, "
-                          "inside the adapter branch")
-        node = node.next
-
-
-def _position(graph: fx.Graph) -> dict[fx.Node, int]:
-    order = {node: index for index, node in enumerate(graph.nodes)}
-    return order.__getitem__
 
 
 def _result(last: fx.Node, x_dtype: torch.dtype) -> fx.Node:
@@ -220,7 +177,7 @@ def _match_chunk_term(term: fx.Node, x: fx.Node, out_features: int) -> tuple[fx.
     """term = S(a) @ D for a MiSS block D; returns (a, D, the term's nodes, why folding is inexact)."""
     chunk_sum, block = matmul_operands(term)
     nodes = [term]
-    if is_call(block, (), "repeat") and _is_param(block.args[0]):
+    if is_call(block, (), "repeat") and is_param(block.args[0]):
         base, repeats = repeat_operands(block)
         base_val = val(base)
         if not (base_val.dim() == 2 and len(repeats) == 2 and repeats[0] == 1
@@ -230,7 +187,7 @@ def _match_chunk_term(term: fx.Node, x: fx.Node, out_features: int) -> tuple[fx.
         block = base
     elif not _same_width(block, out_features):
         raise NoMatch(f"block {describe(block)} is not [r, out={out_features}]")
-    if not _is_param(block):
+    if not is_param(block):
         raise NoMatch("the right-hand side is not a parameter")
     block_val = val(block)
     if block_val.dim() != 2:
@@ -248,7 +205,7 @@ def _match_chunk_term(term: fx.Node, x: fx.Node, out_features: int) -> tuple[fx.
         raise NoMatch(f"adapter input is {a_val.dtype}, block {block_val.dtype}")
     nodes += [chunk_sum, reshaped]
     for node in nodes:
-        _single_user(node)
+        single_user(node)
     path, inexact = _adapter_path(adapter_input, x)
     return adapter_input, block, nodes + path, inexact
 
@@ -288,7 +245,7 @@ def _match_chunk_linear(linear: fx.Node) -> _Match:
         raise NoMatch("no adapter term")
     result = _result(accumulated, val(x).dtype)
     region.append(result)
-    _check_no_writes(region, accumulated)
+    check_no_writes(region, accumulated)
     return _Match("balance/mini", x, weight, bias, blocks, adapter_inputs, accumulated, result, inexact, region)
 
 
@@ -314,7 +271,7 @@ def _match_bat_delta(delta: object, current: fx.Node) -> tuple[fx.Node, list[fx.
         raise NoMatch("bat delta is not permuted back (1, 2, 0, 3)")
     product, block = add_operands(summed)
     blocked, block_again = matmul_operands(product)
-    if block_again is not block or not _is_param(block):
+    if block_again is not block or not is_param(block):
         raise NoMatch("bat delta is not W @ D + D with D a parameter")
     grid, dims = permute_dims(blocked)
     if dims != (2, 0, 1, 3):
@@ -327,19 +284,19 @@ def _match_bat_delta(delta: object, current: fx.Node) -> tuple[fx.Node, list[fx.
         raise NoMatch(f"bat block {tuple(block_val.shape)} does not tile the weight {tuple(weight_val.shape)}")
     if val(grid) is None or not _same_shape_of(val(grid), (out_features // r, r, in_features // r, r)):
         raise NoMatch("bat weight is not reshaped to [out/r, r, in/r, r]")
-    source_root, source_casts = _lossless_root(weight_source, through_detach=True)
-    if source_root is not _lossless_root(current, through_detach=True)[0]:
+    source_root, source_casts = lossless_root(weight_source, through_detach=True)
+    if source_root is not lossless_root(current, through_detach=True)[0]:
         raise NoMatch("bat delta is computed from another weight (or one rounded on the way)")
     nodes = [delta, back, summed, product, blocked, grid]
     for node in nodes:
-        _single_user(node)
+        single_user(node)
     return block, nodes + source_casts
 
 
 def _match_bat_linear(linear: fx.Node) -> _Match:
     x, weight, bias = linear_operands(linear)
     blocks, region, current = [], [linear], weight
-    while not _is_param(current) and is_call(current, _ADDS, "add"):
+    while not is_param(current) and is_call(current, _ADDS, "add"):
         previous, delta = add_operands(current)
         block, nodes = _match_bat_delta(delta, previous)
         blocks.insert(0, block)
@@ -348,16 +305,16 @@ def _match_bat_linear(linear: fx.Node) -> _Match:
             raise NoMatch(f"{current.name} is also used outside the bat fold")
         region += [current, *nodes]
         current = previous
-    base, weight_casts = _lossless_root(current, through_detach=True)
-    if not blocks or not _is_param(base):
+    base, weight_casts = lossless_root(current, through_detach=True)
+    if not blocks or not is_param(base):
         raise NoMatch("the weight is not a parameter folded with bat blocks")
     if val(base).requires_grad and current is not base:
         raise NoMatch("the base weight trains but PEFT's bat detaches it; left as PEFT computes it")
-    x_root, x_casts = _lossless_root(x, through_detach=False)
-    bias_root, bias_casts = _lossless_root(bias, through_detach=False)
+    x_root, x_casts = lossless_root(x, through_detach=False)
+    bias_root, bias_casts = lossless_root(bias, through_detach=False)
     result = _result(linear, val(x_root).dtype)
     region += [*weight_casts, *x_casts, *bias_casts, result]
-    _check_no_writes(region, linear)
+    check_no_writes(region, linear)
     not_folded = None
     if val(x_root).dtype != val(base).dtype:
         not_folded = f"x is {val(x_root).dtype}, the weight {val(base).dtype}"
@@ -434,33 +391,31 @@ def _match_miss_op(node: fx.Node) -> _Match:
             except NoMatch as reason:
                 inexact = inexact or str(reason)
     weight = bound["weight"]
-    if not (_is_param(weight) or (is_call(weight, (torch.t,), "t") and _is_param(weight.args[0]))):
+    if not (is_param(weight) or (is_call(weight, (torch.t,), "t") and is_param(weight.args[0]))):
         inexact = "the weight is computed in the graph"  # GPT-2's Conv1D weight reaches our op as W.t()
     kind = "bat" if node.target is torch.ops.miss.bat_linear.default else "balance/mini"
     return _Match(kind, bound["x"], weight, bound["bias"], list(bound["blocks"]), adapter_inputs, node, node, inexact,
                   [node])
 
 
-def _rewrite_node(graph: fx.Graph, node: fx.Node, merge: bool, report: PassReport) -> None:
+def _plan(node: fx.Node, merge: bool) -> tuple[_Match | None, LayerRewrite | None]:
+    """Match one node, reading only: (what to apply, what to report); NoMatch when it is no MiSS."""
     if node.target is torch.ops.miss.stacked_linear.default:
-        n_blocks = val(node.args[4]).shape[0]
-        report.rewritten.append(LayerRewrite(layer_name(node), "stacked", n_blocks, "miss op"))
-        return
+        stack = bind(node, ("x", "adapter_ids", "weight", "bias", "stack"), {})["stack"]
+        return None, LayerRewrite(layer_name(node), "stacked", val(stack).shape[0], "miss op")
     if node.target in MISS_OPS:
         match, source = _match_miss_op(node), "miss op"
-        _fold_reason(match, merge)
-        if merge and match.not_folded is None:
-            _apply(graph, match, merge)
     else:
         x, weight, _ = linear_operands(node)
         if val(x) is None or val(weight) is None:
-            return
-        match, source = (_match_chunk_linear(node) if _is_param(weight) else _match_bat_linear(node)), "peft pattern"
-        _fold_reason(match, merge)
-        _apply(graph, match, merge)
+            return None, None
+        match, source = (_match_chunk_linear(node) if is_param(weight) else _match_bat_linear(node)), "peft pattern"
+    _fold_reason(match, merge)
     merged = merge and match.not_folded is None
-    not_folded = match.not_folded if merge and not merged else ""
-    report.rewritten.append(LayerRewrite(layer_name(node), match.kind, len(match.blocks), source, merged, not_folded or ""))
+    not_folded = (match.not_folded or "") if merge and not merged else ""
+    if source == "miss op" and not merged:
+        return None, LayerRewrite(layer_name(node), match.kind, len(match.blocks), source, False, not_folded)
+    return match, LayerRewrite(layer_name(node), match.kind, len(match.blocks), source, merged, not_folded)
 
 
 def _should_report(node: fx.Node) -> bool:
@@ -468,7 +423,7 @@ def _should_report(node: fx.Node) -> bool:
         _, weight, _ = linear_operands(node)
     except NoMatch:
         return True
-    return not _is_param(weight) or _looks_like_adapter(node)
+    return not is_param(weight) or _looks_like_adapter(node)
 
 
 def _rewrite_graph(graph: fx.Graph, merge: bool, report: PassReport, seen: set[int]) -> None:
@@ -479,14 +434,20 @@ def _rewrite_graph(graph: fx.Graph, merge: bool, report: PassReport, seen: set[i
         if not (node.op == "call_function" and (node.target in MISS_OPS or node.target in _LINEAR)):
             continue
         try:
-            _rewrite_node(graph, node, merge, report)
+            match, entry = _plan(node, merge)
         except NoMatch as reason:
             if _should_report(node):
                 report.skipped.append((layer_name(node), str(reason)))
+            continue
         except Exception as error:  # a bug in a matcher; matching only reads, so the graph is as it was
             logger.warning("miss pass: internal matcher error at %s (%s), left as it was", node.name, error,
                            exc_info=True)
             report.skipped.append((layer_name(node), f"internal matcher error: {type(error).__name__}: {error}"))
+            continue
+        if match is not None:
+            _apply(graph, match, merge)
+        if entry is not None:
+            report.rewritten.append(entry)
     graph.lint()
 
 
