@@ -73,6 +73,16 @@ def test_export_of_a_tied_head_keeps_the_base_embedding(tmp_path, model_name, me
     assert head(ours).merged == merged_before
 
 
+def test_fp16_merged_export_of_a_tied_head(tmp_path):
+    base, ours = tied_pair("gpt2")  # Conv1D layers adapted too
+    ids = input_ids()
+    result = export_onnx(ours, kwargs={"input_ids": ids}, path=tmp_path / "model.onnx", merged=True,
+                         dtype=torch.float16)
+    torch.testing.assert_close(onnx_logits(result.path, ids).float(), model_output(ours, ids), atol=1e-2, rtol=1e-2)
+    embedding = embedding_weight(base, "gpt2").detach().half().numpy()
+    assert any(np.array_equal(value, embedding) for value in _initializers(result.path))
+
+
 def test_merged_export_is_validated_against_the_adapters_as_they_run(tmp_path, monkeypatch):
     """A merge that damages what it must not (here: W + dW written into the tied embedding, the old
     bug) is caught: validation compares with outputs taken before merging, not the merged copy."""

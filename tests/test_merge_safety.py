@@ -88,6 +88,16 @@ def test_merge_leaves_a_tied_embedding_bit_identical_and_unmerge_reties(model_na
     torch.testing.assert_close(model_output(ours, ids), unmerged_out, **TOLERANCE[dtype])
 
 
+def test_a_model_cast_while_merged_reties_in_the_new_dtype():
+    """model.to() converts the shared Parameter in place, so the kept one still is the embedding's."""
+    _, ours = tied_pair("llama")
+    merge_adapters(ours)
+    ours.to(torch.bfloat16)
+    unmerge_adapters(ours)
+    assert head(ours).base_layer.weight is embedding_weight(ours, "llama")
+    assert embedding_weight(ours, "llama").dtype == torch.bfloat16
+
+
 def test_apply_on_a_tied_head_adapts_the_head_only():
     """Before any merge: the head carries the adapter, the embedding reads its plain weight (as PEFT)."""
     base, ours = tied_pair("llama")
