@@ -290,15 +290,16 @@ def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None) -> 
     shared = shared_base_weights(model)
     _log_untied(layers, shared, adapter_names)
     # A failure part-way puts back the exact weights of the layers already merged (unmerging would
-    # round them); the copies are kept on the CPU until every layer is done.
-    done: list[tuple[nn.Module, torch.Tensor, list[str]]] = []
+    # round them), and re-ties the weights this call untied; the copies are kept on the CPU until
+    # every layer is done.
+    done: list[tuple[nn.Module, torch.Tensor, list[str], bool]] = []
     failing = ""
     try:
         for layer_name, layer in layers.items():
             failing = layer_name
             weight = _base_weight_of(layer)
             untie = layer_name in shared and bool(_to_merge(layer, adapter_names))
-            done.append((layer, weight.detach().to("cpu", copy=True), list(layer.merged_adapters)))
+            done.append((layer, weight.detach().to("cpu", copy=True), list(layer.merged_adapters), untie))
             if isinstance(layer, MissLinear):
                 layer.base_weight_shared = layer_name in shared or has_untied_weight(layer)
                 layer.merge(adapter_names, untie=untie)
@@ -308,8 +309,8 @@ def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None) -> 
                 layer.merge(safe_merge=True, adapter_names=adapter_names)
     except BaseException as error:
         with torch.no_grad():
-            for layer, weight, merged in done:
-                if not retie_base_weight(layer):
+            for layer, weight, merged, untied_here in done:
+                if not (untied_here and retie_base_weight(layer)):
                     _base_weight_of(layer).copy_(weight)
                 layer.merged_adapters[:] = merged
         if isinstance(error, ValueError):

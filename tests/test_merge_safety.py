@@ -189,6 +189,27 @@ def test_a_merge_failing_part_way_reties_the_layers_it_had_untied():
     assert not model.first.merged
 
 
+def test_a_failed_second_merge_keeps_the_first_one_in_the_untied_copy():
+    torch.manual_seed(0)
+    model = TwoReaders("same-parameter").eval()
+    for name in ("a", "b"):
+        apply_miss(model, MissConfig(r=8, variant="bat", init="random", target_modules=["first", "third"]), name)
+    second = model.second.weight.detach().clone()
+    x = torch.randn(3, 16)
+    merge_adapters(model, ["a"])
+    merged_a = model.first.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        model.third.miss_block["b"].fill_(3e38)  # W + dW overflows on the second layer only
+    with pytest.raises(ValueError, match=r"layer 'third'.*no layer was merged"):
+        merge_adapters(model, ["b"])
+    assert torch.equal(model.first.base_layer.weight, merged_a) and model.first.merged_adapters == ["a"]
+    assert model.first.base_layer.weight is not model.second.weight
+    unmerge_adapters(model)
+    assert model.first.base_layer.weight is model.second.weight
+    assert torch.equal(model.second.weight, second)
+    assert model(x).isfinite().all()
+
+
 def test_save_and_load_after_a_tied_merge():
     """The blocks saved while merged are the trained ones; a fresh tied model loads them and agrees."""
     base, ours = tied_pair("llama")
