@@ -184,7 +184,8 @@ class MissLinear(nn.Module):
             weight = reference.merged_weight(weight, block, self.miss_variant[name])
         if not torch.isfinite(weight).all():
             raise ValueError(f"merging {names} gives NaN or Inf in the weight {tuple(weight.shape)}; base weight unchanged")
-        if names and (self.base_weight_shared if untie is None else untie):
+        shared = getattr(self, "base_weight_shared", False)  # absent on layers pickled before it existed
+        if names and (shared if untie is None else untie):
             untie_base_weight(self)
         self._write_base_weight(weight)
         self.merged_adapters.extend(names)
