@@ -282,3 +282,21 @@ def test_layer_merged_while_disabled_runs_its_base_path_unmerged():
     layer.merge()
     torch.testing.assert_close(layer(x), linear(x), **TOLERANCE[torch.float32])
     assert not layer.merged
+
+
+def test_compiled_layer_merged_while_disabled_unmerges_outside_the_graph():
+    """The unmerge in forward runs eagerly (a graph break), then the compiled forward gives base, then adapted."""
+    from miss_compile import miss_backend
+
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 12)
+    model = apply_miss(nn.Sequential(copy.deepcopy(linear)), MissConfig(r=4, init="random", target_modules=["0"]))
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        adapted = model(x)
+        compiled = torch.compile(model, backend=miss_backend)
+        enable_adapters(model, False)
+        merge_adapters(model)
+        torch.testing.assert_close(compiled(x), linear(x), **TOLERANCE[torch.float32])
+        enable_adapters(model, True)
+        torch.testing.assert_close(compiled(x), adapted, **TOLERANCE[torch.float32])
