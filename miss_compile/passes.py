@@ -334,7 +334,7 @@ def _variants(match: _Match) -> list[str]:
 def _insert(graph: fx.Graph, anchor: fx.Node, result: fx.Node, target: object, args: tuple) -> fx.Node:
     """target(*args) right after `anchor` (which follows every arg); `result`'s users read it."""
     with graph.inserting_after(anchor):
-        op_node = graph.call_function(target, args)
+        op_node = graph.call_method(target, args) if isinstance(target, str) else graph.call_function(target, args)
     op_node.meta.update({k: v for k, v in result.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
     op_node.meta["example_value"] = val(result)
     result.replace_all_uses_with(op_node)
@@ -347,7 +347,10 @@ def _apply(graph: fx.Graph, match: _Match, merge: bool) -> bool:
     if folds:
         with graph.inserting_after(match.anchor):
             folded = graph.call_function(reference.fold_weight, (match.weight, match.blocks, _variants(match)))
-        _insert(graph, folded, match.result, F.linear, (match.x, folded, match.bias))
+        with graph.inserting_after(folded):
+            linear = graph.call_function(F.linear, (match.x, folded, match.bias))
+        # Back to the op's dtype: under autocast F.linear returns bf16 where the op returns x's dtype.
+        _insert(graph, linear, match.result, "to", (linear, val(match.result).dtype))
     elif match.kind == "bat":
         _insert(graph, match.anchor, match.result, torch.ops.miss.bat_linear.default,
                 (match.x, match.weight, match.bias, match.blocks))

@@ -310,3 +310,24 @@ def test_gradient_checkpointing_through_inductor_trains_like_eager():
     expected.backward()
     assert_same_gradients(theirs, reference_model)
     assert sum(len(report.rewritten) for report in backend.graph_pass.reports) == 14
+
+
+@pytest.mark.parametrize("source", ["peft pattern", "miss op"])
+def test_merged_layer_keeps_the_op_dtype_under_autocast(source):
+    """Folded, the layer is F.linear(x, W + dW, b) cast back to what the op returns (x's dtype):
+    under autocast F.linear alone would return bf16."""
+    torch.manual_seed(0)
+    config = MissConfig(r=4, init="random", target_modules=["0"])
+    if source == "peft pattern":
+        model = peft.get_peft_model(nn.Sequential(nn.Linear(12, 8)), config.to_peft())
+    else:
+        model = apply_miss(nn.Sequential(nn.Linear(12, 8)), config)
+    model = model.eval().requires_grad_(False)
+    x = torch.randn(2, 3, 12)
+    reports = []
+    compiled = torch.compile(model, backend=pass_only_backend(reports, merge=True), fullgraph=True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = model(x), compiled(x)
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+    assert [item.merged for item in reports[0].rewritten] == [True]
