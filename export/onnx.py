@@ -32,6 +32,7 @@ from torch import nn
 
 from miss_compile.inject import merge_adapters
 from miss_compile.peft_compat import from_peft, named_miss_layers
+from miss_compile.stacked import refresh_stacks
 
 from .functions import group_into_functions
 from .translation import OPSET, TRANSLATIONS
@@ -233,6 +234,8 @@ def export_onnx(
     if stacked and merged:
         raise ValueError("adapter_ids given with merged=True; each batch row has its own adapter, so a stacked "
                          "export is unmerged: pass merged=False")
+    if stacked:
+        refresh_stacks(model)  # torch.export traces the stacks as they are: never a stale one
     prepared = prepare(model, dtype)
     if stacked:
         kwargs, args = _named_inputs(prepared, args, kwargs), ()

@@ -27,6 +27,7 @@ from .inject import apply_miss
 from .modules_to_save import wrap_modules_to_save
 from .peft_compat import adapter_variant, model_root, named_miss_layers, peft_tuner
 from .saved_modules import SavedModule, saved_module_wrappers, saved_targets, saved_tensors
+from .stacked import enable_adapter_selection
 
 __all__ = [
     "save_adapter",
@@ -301,7 +302,7 @@ def load_adapter(
         for param, flag in trainable.items():
             param.requires_grad_(flag)
         raise
-    return model
+    return enable_adapter_selection(model)
 
 
 def _finite_problem(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> str | None:

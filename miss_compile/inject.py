@@ -14,9 +14,18 @@ import torch
 from torch import nn
 
 from . import reference
+from .adapter_settings import check_same_settings
 from .config import ALL_LINEAR, MissConfig
 from .layer import MissLinear, base_features, has_untied_weight, retie_base_weight, untie_base_weight
+from .modules_to_save import find_modules_to_save, wrap_modules_to_save
 from .peft_compat import adapter_variant, is_miss_layer, model_root, named_miss_layers, peft_tuner
+from .saved_modules import (
+    enable_saved_modules,
+    is_saved_module,
+    is_saved_module_parameter,
+    set_saved_adapters,
+)
+from .stacked import enable_adapter_selection
 
 __all__ = [
     "apply_miss",
@@ -42,9 +51,13 @@ def apply_miss(model: nn.Module, config: MissConfig, adapter_name: str = "defaul
     targets = find_targets(model_root(model), config)
     for name, module in targets.items():
         _check_target(name, module, config, adapter_name)
+    check_same_settings(model, config, adapter_name)
+    find_modules_to_save(model_root(model), config)
     if tuner is not None:
-        return _apply_to_peft(model, tuner, config, adapter_name, list(targets))
-    return _apply_to_ours(model, config, adapter_name, targets)
+        model = _apply_to_peft(model, tuner, config, adapter_name, list(targets))
+    else:
+        model = _apply_to_ours(model, config, adapter_name, targets)
+    return enable_adapter_selection(model)
 
 
 def find_targets(root: nn.Module, config: MissConfig) -> dict[str, nn.Module]:
@@ -56,7 +69,7 @@ def find_targets(root: nn.Module, config: MissConfig) -> dict[str, nn.Module]:
         if not name or any(name.startswith(prefix + ".") for prefix in inside_miss_layer):
             continue
         adaptable = is_miss_layer(module) or base_features(module) is not None
-        if is_miss_layer(module):
+        if is_miss_layer(module) or is_saved_module(module):
             inside_miss_layer.append(name)
         if config.is_excluded(name):
             continue
@@ -123,12 +136,13 @@ def _apply_to_ours(
                 replaced.append((parent, child_name, module))
             layer.add_adapter(adapter_name, config)
         for name, param in model.named_parameters():
-            if ".miss_block." not in f".{name}":
+            if ".miss_block." not in f".{name}" and not is_saved_module_parameter(name):
                 param.requires_grad_(False)
         shared = shared_base_weights(model)
         for name, layer in named_miss_layers(model).items():
             if isinstance(layer, MissLinear):
                 layer.base_weight_shared = name in shared
+        wrap_modules_to_save(model, config, adapter_name)  # undoes itself if it fails
     except BaseException:
         for parent, child_name, original in replaced:
             setattr(parent, child_name, original)
@@ -248,6 +262,7 @@ def set_active_adapters(model: nn.Module, names: str | list[str]) -> None:
     if tuner is not None:
         tuner.set_adapter(names)
         return
+    set_saved_adapters(model, names)
     for layer in _layers(model).values():
         layer.set_adapter(names)
 
@@ -259,6 +274,7 @@ def enable_adapters(model: nn.Module, enabled: bool = True) -> None:
         unmerge_adapters(model)
     for layer in layers.values():
         layer.enable_adapters(enabled)
+    enable_saved_modules(model_root(model), enabled)
 
 
 @contextlib.contextmanager

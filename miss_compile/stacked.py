@@ -42,6 +42,7 @@ from torch._subclasses.fake_tensor import is_fake
 from . import reference
 from .layer import MissLinear
 from .peft_compat import from_peft, named_miss_layers, peft_tuner
+from .saved_modules import refuse_per_row_selection
 
 __all__ = ["NO_ADAPTER", "stack_adapters", "stack_blocks", "adapter_ids_for", "stacked_layers",
            "enable_adapter_selection", "stale_stacks", "refresh_stacks"]
@@ -129,6 +130,7 @@ def _stack(model: nn.Module, adapter_names: Sequence[str] | None, rank: int | No
     unknown = [name for name in names if name not in known]
     if unknown or len(set(names)) != len(names):
         raise ValueError(f"cannot stack {names}: unknown or repeated names {unknown or names}; the model has {known}")
+    refuse_per_row_selection(model, "stack_adapters")  # one head would run for every row
     stacks = {}
     for layer_name, layer in layers.items():
         if layer.merged:

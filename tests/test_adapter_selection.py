@@ -2,7 +2,8 @@
 first use, restacked when blocks change in place or adapters are added, refused where it cannot be
 exact, never ignored (transformers' forward would swallow the keyword and run the active adapter).
 
-Until apply_miss / load_adapter call enable_adapter_selection themselves, these tests call it."""
+apply_miss and load_adapter install the selection hooks themselves; a PEFT model built by PEFT's own
+get_peft_model gets them from enable_adapter_selection (or from our apply_miss / load_adapter on it)."""
 
 import peft
 import pytest
@@ -38,7 +39,7 @@ def adapted(architecture, names=("a", "b"), layers=2):
     model = model_class(config_class(**{**DECODER, "num_hidden_layers": layers, "pad_token_id": 0})).eval()
     for name in names:
         apply_miss(model, ADAPTERS[name], name)
-    return enable_adapter_selection(model)  # what apply_miss will do itself once wired
+    return model  # apply_miss installed the selection hooks
 
 
 @torch.no_grad()

@@ -218,7 +218,6 @@ def test_adapter_whose_layers_disagree_is_not_saved(tmp_path, other):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.xfail(strict=True, reason="needs check_same_settings wired into inject.apply_miss: remove this mark then")
 def test_apply_refuses_a_second_config_under_one_adapter_name():
     model = apply_miss(build("llama"), MissConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=r"adapter 'default' already exists with r=4, .* adding it with r=8"):

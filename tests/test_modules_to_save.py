@@ -261,11 +261,7 @@ def test_head_without_modules_to_save_in_config_is_refused(tmp_path):
 
 # --- the verbs (apply_miss, set_active_adapters, adapters_disabled) on models with heads
 
-NEEDS_WIRING = pytest.mark.xfail(strict=True, reason="needs saved_modules wired into inject.py (see the report of "
-                                                     "issue 13): remove this mark then")
 
-
-@NEEDS_WIRING
 def test_apply_miss_gives_the_adapter_a_trainable_head():
     config = MissConfig(r=4, target_modules=TARGETS["llama"], modules_to_save=["score"])
     model = apply_miss(classifier("llama"), config)
@@ -274,7 +270,6 @@ def test_apply_miss_gives_the_adapter_a_trainable_head():
     assert trainable == ["score.modules_to_save.default.weight"]
 
 
-@NEEDS_WIRING
 @pytest.mark.parametrize("kind", ["ours", "peft"])
 def test_adapters_disabled_runs_the_original_head(kind):
     from miss_compile import adapters_disabled
@@ -285,7 +280,6 @@ def test_adapters_disabled_runs_the_original_head(kind):
         torch.testing.assert_close(logits(model, ids), logits(base, ids), atol=1e-5, rtol=1e-5)
 
 
-@NEEDS_WIRING
 def test_each_adapter_runs_its_own_head(tmp_path):
     from miss_compile import set_active_adapters
 
@@ -317,7 +311,6 @@ def test_per_row_selection_refuses_models_with_heads():
     refuse_per_row_selection(classifier("llama"), "stack_adapters")  # no heads: nothing to refuse
 
 
-@NEEDS_WIRING
 def test_stack_adapters_refuses_a_model_with_heads():
     from miss_compile import stack_adapters
 
