@@ -14,7 +14,8 @@ from torch import nn
 
 from miss_compile.checkpoint import read_adapter
 from miss_compile.files import stage_beside
-from miss_compile.peft_compat import named_miss_layers
+from miss_compile.peft_compat import model_root, named_miss_layers
+from miss_compile.saved_modules import saved_tensors
 from miss_compile.stacked import refresh_stacks, stacked_layers
 
 __all__ = ["write_onnx_adapter", "write_onnx_stack", "adapter_parameters", "stack_parameters",
@@ -39,6 +40,13 @@ def adapter_parameters(adapter: str | os.PathLike | nn.Module, adapter_name: str
         layers = {n: layer for n, layer in named_miss_layers(adapter).items() if adapter_name in layer.miss_block}
         if not layers:
             raise ValueError(f"the model has no adapter named {adapter_name!r}")
+        heads = saved_tensors(model_root(adapter), adapter_name)
+        if heads:
+            # The graph keeps heads (modules_to_save) as plain weights: a file of blocks alone would
+            # serve the new blocks with the exported adapter's head.
+            raise ValueError(
+                f"adapter {adapter_name!r} trains whole modules too (modules_to_save: {sorted(heads)}), which an "
+                ".onnx_adapter cannot carry: export one graph per adapter (export_onnx) instead")
         return {f"{n}{BLOCK_PART}{graph_name}": layer.miss_block[adapter_name].detach() for n, layer in layers.items()}
     _, blocks = read_adapter(adapter)
     return {f"{name}{BLOCK_PART}{graph_name}": block for name, block in blocks.items()}

@@ -17,7 +17,9 @@ from transformers.pytorch_utils import Conv1D
 from . import ops, reference
 from .config import MissConfig
 
-__all__ = ["MissLinear", "base_features", "untie_base_weight", "retie_base_weight", "has_untied_weight"]
+__all__ = [
+    "MissLinear", "base_features", "untie_base_weight", "retie_base_weight", "has_untied_weight", "carry_untied_weight",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,12 @@ def retie_base_weight(layer: nn.Module) -> bool:
         return False
     base.weight = shared
     return True
+
+
+def carry_untied_weight(source: nn.Module, target: nn.Module) -> None:
+    """Hand the shared weight `source` kept (untie_base_weight) to `target`, a layer converted from
+    it, so that unmerging `target` re-ties bit for bit too."""
+    object.__setattr__(target, _TIED_WEIGHT, getattr(source, _TIED_WEIGHT, None))
 
 
 class MissLinear(nn.Module):

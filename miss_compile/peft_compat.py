@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from .layer import MissLinear
+from .layer import MissLinear, carry_untied_weight
 from .saved_modules import SavedModule, from_peft_wrapper, saved_module_wrappers
 
 __all__ = ["peft_tuner", "is_miss_layer", "adapter_variant", "named_miss_layers", "model_root", "from_peft"]
@@ -84,6 +84,7 @@ def from_peft(model: nn.Module) -> nn.Module:
         layer.active_adapters = [a for a in peft_layer.active_adapters if a in layer.miss_block]
         layer.merged_adapters = list(peft_layer.merged_adapters)
         layer.disable_adapters = bool(peft_layer.disable_adapters)
+        carry_untied_weight(peft_layer, layer)
         layer.train(peft_layer.training)
         parent_name, _, child_name = name.rpartition(".")
         setattr(converted.get_submodule(parent_name), child_name, layer)

@@ -109,7 +109,8 @@ def pytest_addoption(parser):
 
 # The longest files start first, so that under pytest-xdist (whole files per worker) no single
 # long test runs alone at the end while the other worker idles.
-LONGEST_FIRST = ("test_benchmarks.py", "test_distributed.py", "test_backend.py", "test_export.py")
+LONGEST_FIRST = ("test_benchmarks.py", "test_distributed.py", "test_backend.py", "test_export.py",
+                 "test_export_state.py")
 
 
 def _start_order(item) -> int:

@@ -21,7 +21,7 @@ from miss_compile import (
     unmerge_adapters,
 )
 from miss_compile.inject import shared_base_weights
-from miss_compile.peft_compat import named_miss_layers
+from miss_compile.peft_compat import from_peft, named_miss_layers
 
 TOLERANCE = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2}}
 
@@ -136,6 +136,19 @@ def test_merge_on_a_peft_model_leaves_the_tied_embedding():
     assert not head(theirs).merged
     assert torch.equal(embedding_weight(theirs, "llama"), embedding_weight(base, "llama"))
     torch.testing.assert_close(model_output(theirs, ids), unmerged_out, **TOLERANCE[torch.float32])
+
+
+def test_a_peft_model_merged_tied_then_converted_reties_bit_for_bit():
+    """from_peft carries the kept shared weight: the converted copy unmerges by re-tying, no inverse."""
+    base, _ = tied_pair("llama")
+    config = MissConfig(r=3, init="random", target_modules=["lm_head", "q_proj"])
+    theirs = peft.get_peft_model(copy.deepcopy(base), config.to_peft())
+    randomize_blocks(theirs)
+    merge_adapters(theirs)
+    ours = from_peft(theirs)
+    unmerge_adapters(ours)
+    assert ours.lm_head.base_weight() is ours.model.embed_tokens.weight
+    assert torch.equal(ours.model.embed_tokens.weight, embedding_weight(base, "llama"))
 
 
 class TwoReaders(nn.Module):

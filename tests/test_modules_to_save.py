@@ -64,8 +64,8 @@ def peft_classifier(name):
 
 
 def our_classifier(name):
-    """Ours with the head in modules_to_save (wrap_modules_to_save is what apply_miss calls once wired in;
-    calling it again is a no-op)."""
+    """Ours with the head in modules_to_save (apply_miss wraps it; calling wrap_modules_to_save again is a
+    no-op, checked here)."""
     base = classifier(name)
     config = MissConfig(r=4, target_modules=TARGETS[name], modules_to_save=[CLASSIFIERS[name][1]])
     ours = apply_miss(clone(base), config)
@@ -317,3 +317,13 @@ def test_stack_adapters_refuses_a_model_with_heads():
     _, theirs = peft_classifier("llama")
     with pytest.raises(ValueError, match=r"stack_adapters: adapters train their own copies of \{'score'"):
         stack_adapters(theirs)
+
+
+def test_onnx_adapter_file_refuses_an_adapter_with_heads(tmp_path):
+    """A graph keeps heads as plain weights: a file of blocks alone would run the exported head."""
+    from export import write_onnx_adapter
+
+    _, ours = our_classifier("llama")
+    with pytest.raises(ValueError, match=r"trains whole modules too \(modules_to_save: .*score.*export one graph"):
+        write_onnx_adapter(ours, tmp_path / "head.onnx_adapter")
+    assert not list(tmp_path.iterdir())
