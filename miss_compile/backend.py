@@ -3,32 +3,49 @@
     compiled = torch.compile(model, backend=miss_backend)            # or backend="miss"
     compiled = torch.compile(model, backend=make_backend(merge=True))  # frozen adapters folded into W
 
-The backend rewrites the Dynamo graph before handing it to Inductor, so every compile reports
-what it did (AOTAutograd's cache is looked up before Inductor's own pre-grad passes run). The
-same pass is also registered as Inductor's pre-grad custom pass, a CustomGraphPass whose uuid
-covers the source of the pass, the ops and their lowerings: Inductor's FX graph cache and
-AOTAutograd's cache never serve code built by another version of them.
+The backend rewrites the Dynamo graph (and the bodies of its higher-order ops) before handing it to
+Inductor, so every compile reports what it did, and the pass runs once per graph. Inductor's FX
+graph cache and AOTAutograd's cache must still know which version of the pass, the ops and their
+lowerings built a graph: Inductor's pre-grad custom pass slot holds a CustomGraphPass that only
+carries the pass's uuid, a hash of every module of this package (the pass, ops and lowerings call
+reference.py, config.py, ...), so a warm cache never serves code built from other sources.
+
+merge=True folds frozen blocks into W under Inductor's freezing: blocks, base weights and every
+other parameter the graph reads become compile-time constants. An in-place change afterwards
+(load_adapter, `copy_` under no_grad, an optimizer step) is caught by their version counters on the
+next call, which raises with the fix instead of serving the old weights. Changes through `.data`
+bypass version counters and cannot be seen (`p.data.copy_(new)`: recompile by hand).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import inspect
 import logging
+import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 from torch._inductor.compile_fx import compile_fx
-from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from . import lowering, ops, passes
+from . import lowering, ops, passes, reference  # noqa: F401  (lowering and ops register with torch)
 from .passes import PassReport, rewrite_miss_linears
 
-__all__ = ["miss_backend", "make_backend", "MissGraphPass"]
+__all__ = ["miss_backend", "make_backend", "MissGraphPass", "source_files"]
 
 logger = logging.getLogger(__name__)
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def source_files(package_dir: Path = _PACKAGE_DIR) -> tuple[str, ...]:
+    """Every module of the package, sorted: all that the pass, the ops and the lowerings may import,
+    today or after a module is split in two."""
+    return tuple(sorted(str(path) for path in package_dir.rglob("*.py")))
 
 
 class MissGraphPass(CustomGraphPass):
@@ -37,7 +54,7 @@ class MissGraphPass(CustomGraphPass):
         self.reports: list[PassReport] = []
 
     def __call__(self, graph: fx.Graph) -> None:
-        # Idempotent: on a graph the backend already rewrote it finds nothing left to do.
+        # As a pre-grad pass of its own (without the backend); idempotent.
         rewrite_miss_linears(graph, merge=self.merge)
 
     def rewrite(self, gm: fx.GraphModule) -> PassReport:
@@ -48,21 +65,42 @@ class MissGraphPass(CustomGraphPass):
         return report
 
     def uuid(self) -> bytes:
-        digest = hashlib.sha256(f"merge={self.merge}".encode())
-        for module in (passes, ops, lowering):
-            digest.update(inspect.getsource(module).encode())
-        return digest.digest()
+        return hashlib.sha256(_sources_digest(source_files()) + f"merge={self.merge}".encode()).digest()
+
+
+@functools.cache
+def _sources_digest(paths: tuple[str, ...]) -> bytes:
+    return get_hash_for_files(paths)
+
+
+# Read when the package is imported, once: what runs is what was imported, even if the files
+# change later (as Inductor keys its own code).
+_sources_digest(source_files())
+
+
+class _CacheKey(CustomGraphPass):
+    """Inductor's pre-grad slot: rewrites nothing (the backend already did), only puts the pass's
+    uuid into the FX graph and AOTAutograd cache keys."""
+
+    def __init__(self, graph_pass: MissGraphPass) -> None:
+        self.graph_pass = graph_pass
+
+    def __call__(self, graph: fx.Graph) -> None:
+        return None
+
+    def uuid(self) -> bytes:
+        return self.graph_pass.uuid()
 
 
 def make_backend(merge: bool = False, config_patches: dict[str, Any] | None = None) -> Callable:
     """A torch.compile backend. merge=True folds frozen adapters into W and turns on Inductor's
-    freezing, so inference costs the base model; in-place changes to the blocks then need a
-    recompile (torch._dynamo.reset()), since frozen weights are compile-time constants.
-    Freezing must also be on while Dynamo traces (it decides there whether parameters are
-    constants): run the first call under `torch.no_grad()` and
+    freezing, so inference costs the base model; blocks (and every parameter) are then compile-time
+    constants: after an in-place change the compiled model raises until recompiled
+    (torch.compiler.reset()). Freezing must also be on while Dynamo traces (it decides there whether
+    parameters are constants): run the first call under `torch.no_grad()` and
     `torch._inductor.config.patch(freezing=True)`; the backend warns when that was not the case."""
     graph_pass = MissGraphPass(merge=merge)
-    patches = {"pre_grad_custom_pass": graph_pass}
+    patches = {"pre_grad_custom_pass": _CacheKey(graph_pass)}
     if merge:
         patches["freezing"] = True
     patches.update(config_patches or {})
@@ -71,7 +109,9 @@ def make_backend(merge: bool = False, config_patches: dict[str, Any] | None = No
         report = graph_pass.rewrite(gm)
         if merge and any(item.merged for item in report.rewritten):
             _warn_unless_parameters_are_constants(backend)
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        frozen = _frozen_parameters(gm) if patches.get("freezing") else []
+        compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        return _checked(compiled, _FrozenCheck(frozen)) if frozen else compiled
 
     backend.graph_pass = graph_pass  # reports of every graph compiled, for tests and explain()
     backend.__name__ = "miss_backend" if not merge else "miss_backend_merged"
@@ -94,6 +134,105 @@ def _warn_unless_parameters_are_constants(backend: Callable) -> None:
         "(or set torch._inductor.config.freezing = True before the first call).",
         "gradients enabled" if torch.is_grad_enabled() else "torch._inductor.config.freezing off",
     )
+
+
+# --- frozen constants: never serve stale ones
+
+
+def _frozen_parameters(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
+    """(what, tensor) for the parameters freezing makes constants: those that merged layers fold
+    first (named by layer), then every other parameter the graph reads through get_attr. Graph inputs
+    (placeholders) are read on every call; buffers may be written by the model itself (caches)."""
+    frozen: dict[int, tuple[str, torch.Tensor]] = {}
+    graphs = [module for module in gm.modules() if isinstance(module, fx.GraphModule)]  # with HOP bodies
+    for module in graphs:
+        for node in module.graph.find_nodes(op="call_function", target=reference.fold_weight):
+            layer = _readable(passes.layer_name(next(iter(node.users), node)))
+            weight, blocks = node.args[0], node.args[1]
+            for role, arg in [("base weight", weight), *[("block", block) for block in blocks]]:
+                for tensor in _read_parameters(module, arg):
+                    what = f"the {role} {tuple(tensor.shape)} of merged layer {layer!r}"
+                    frozen.setdefault(id(tensor), (what, tensor))
+    for module in graphs:
+        for node in module.graph.find_nodes(op="get_attr"):
+            tensor = _attribute(module, node.target)
+            if isinstance(tensor, nn.Parameter):
+                what = f"parameter {_readable(node.target)} {tuple(tensor.shape)}"
+                frozen.setdefault(id(tensor), (what, tensor))
+    return list(frozen.values())
+
+
+def _read_parameters(module: fx.GraphModule, arg: object) -> list[torch.Tensor]:
+    """The parameters behind `arg`, through views such as Conv1D's weight.t()."""
+    found, pending = [], [arg]
+    while pending:
+        node = pending.pop()
+        if not isinstance(node, fx.Node):
+            continue
+        if node.op == "get_attr":
+            tensor = _attribute(module, node.target)
+            if isinstance(tensor, torch.Tensor):
+                found.append(tensor)
+        else:
+            pending.extend(node.all_input_nodes)
+    return found
+
+
+def _attribute(owner: object, path: str) -> object:
+    for name in path.split("."):
+        owner = getattr(owner, name, None)
+    return owner
+
+
+def _readable(name: str) -> str:
+    """A parameter or layer as the user's model names it: without Dynamo's source prefixes (a model
+    traced under freezing is Dynamo's args[0], not self)."""
+    name = re.sub(r"^L\['args'\]\[0\]\.", "", name)
+    for prefix in ("L__args___0_", "L__self___", "L_self_"):
+        name = name.removeprefix(prefix)
+    return name
+
+
+class _FrozenCheck:
+    """Version counter and storage of every frozen parameter, as compiled; a list compare per call."""
+
+    def __init__(self, frozen: list[tuple[str, torch.Tensor]]) -> None:
+        self.names = [what for what, _ in frozen]
+        self.tensors = [tensor for _, tensor in frozen]
+        self.versions = [tensor._version for tensor in self.tensors]
+        self.storages = [tensor.data_ptr() for tensor in self.tensors]
+
+    def __call__(self) -> None:
+        if ([tensor._version for tensor in self.tensors] != self.versions
+                or [tensor.data_ptr() for tensor in self.tensors] != self.storages):
+            self._raise()
+
+    def _raise(self) -> None:
+        changed = [what for what, tensor, version, storage in
+                   zip(self.names, self.tensors, self.versions, self.storages, strict=True)
+                   if tensor._version != version or tensor.data_ptr() != storage]
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise RuntimeError(
+            f"make_backend(merge=True): {changed[0]}{more} changed in place after this graph was compiled "
+            "with it as a compile-time constant (freezing folds merged blocks into W), so the graph would "
+            "serve the old weights. Recompile: torch.compiler.reset(), then call the compiled model again "
+            "under torch.no_grad() and freezing. To swap adapters in place without recompiling, compile "
+            "with the unmerged miss_backend."
+        )
+
+
+def _checked(compiled: Callable, check: _FrozenCheck) -> Callable:
+    """`compiled`, with `check` before every call; keeps its calling convention (boxed or not)."""
+    if getattr(compiled, "_boxed_call", False):
+        def run(args: list) -> Any:
+            check()
+            return compiled(args)
+    else:
+        def run(*args: Any) -> Any:
+            check()
+            return compiled(*args)
+    run.__dict__.update(getattr(compiled, "__dict__", {}))  # _boxed_call and the like
+    return run
 
 
 # backend="miss" resolves through the `torch_dynamo_backends` entry point (pyproject.toml).

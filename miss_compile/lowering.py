@@ -14,7 +14,9 @@ miss.stacked_linear  the chunk sums of every row, the rows' blocks gathered by i
                batched GEMM [batch, tokens, r] x [batch, r, out], then addmm as for miss.linear.
 miss.bat_linear the folded weight, then one linear; with freezing and frozen blocks Inductor
                folds it once at compile time.
-The backward formulas are the ops' own (ops.py); these only shape the forward.
+The backward formulas are the ops' own (ops.py); these only shape the forward. Under torch.autocast
+the ops' autocast rule (ops.py) runs before these while AOT traces: they see x, W and the blocks
+already in the autocast dtype, and adapter inputs in theirs (S(a) is cast to the block's dtype).
 """
 
 from __future__ import annotations

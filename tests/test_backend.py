@@ -5,13 +5,16 @@ Inductor compiles are the slow part of the suite: tiny models, one compile per t
 
 import ast
 import re
+import shutil
+from pathlib import Path
 
 import peft
 import pytest
 import torch
 from conftest import build, clone, copy_blocks, input_ids, model_output, randomize_blocks
 from torch import nn
-from torch._inductor.utils import run_and_get_code
+from torch._dynamo.utils import counters
+from torch._inductor.utils import fresh_cache, run_and_get_code
 from torch.testing import FileCheck
 
 from miss_compile import (
@@ -23,6 +26,8 @@ from miss_compile import (
     save_adapter,
     set_active_adapters,
 )
+from miss_compile import backend as backend_module
+from miss_compile.backend import MissGraphPass, source_files
 from miss_compile.peft_compat import named_miss_layers
 
 pytestmark = pytest.mark.slow
@@ -288,3 +293,59 @@ def test_backend_by_name_through_the_entry_point():
     x = torch.randn(3, 13)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model, backend="miss")(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+# --- cache keys: the pass's uuid covers every module it runs, and it runs once
+
+
+def _package_copy(tmp_path, name, edit=None):
+    copy = tmp_path / name
+    shutil.copytree(Path(source_files()[0]).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    if edit is not None:
+        edit(copy)
+    return copy
+
+
+def test_pass_uuid_hashes_every_module_of_the_package(tmp_path, monkeypatch):
+    """reference.py (which the pass and ops call), config.py, ... and modules split off later."""
+    assert {"passes.py", "ops.py", "lowering.py", "reference.py", "config.py", "peft_compat.py"} <= {
+        Path(path).name for path in source_files()}
+    assert MissGraphPass(merge=True).uuid() != MissGraphPass().uuid()
+    copies = {  # copies, not the package itself: its digest is read once per process, and files change
+        "same": _package_copy(tmp_path, "same"),
+        "same again": _package_copy(tmp_path, "again"),
+        "reference edited": _package_copy(
+            tmp_path, "edited", lambda d: (d / "reference.py").write_text((d / "reference.py").read_text() + "\n# x\n")),
+        "a module split off": _package_copy(
+            tmp_path, "split", lambda d: (d / "pass_matchers.py").write_text("MATCHERS = ()\n")),
+    }
+    uuids = {}
+    for what, copy in copies.items():
+        monkeypatch.setattr(backend_module, "source_files", lambda copy=copy: source_files(copy))
+        uuids[what] = MissGraphPass().uuid()
+    assert uuids["same"] == uuids["same again"]  # contents, not paths
+    assert uuids["reference edited"] != uuids["same"] and uuids["a module split off"] != uuids["same"]
+
+
+def _cache_hits():
+    return counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+
+
+def test_warm_cache_serves_only_graphs_built_from_the_same_sources(tmp_path, monkeypatch):
+    model, x = one_linear(), torch.randn(2, 13)
+    edited = _package_copy(tmp_path, "edited", lambda d: (d / "reference.py").write_text("# changed math\n"))
+    rewrites = []
+    real_rewrite = backend_module.rewrite_miss_linears
+    monkeypatch.setattr(backend_module, "rewrite_miss_linears",
+                        lambda graph, merge: rewrites.append(graph) or real_rewrite(graph, merge=merge))
+    hits = []
+    with fresh_cache(), torch.no_grad():
+        for sources in (None, None, edited):  # cold, warm, warm but other sources
+            if sources is not None:
+                monkeypatch.setattr(backend_module, "source_files", lambda sources=sources: source_files(sources))
+            torch._dynamo.reset()
+            counters.clear()
+            torch.testing.assert_close(torch.compile(model, backend=make_backend())(x), model(x), atol=1e-5, rtol=1e-5)
+            hits.append(_cache_hits())
+    assert hits[0] == 0 and hits[1] > 0 and hits[2] == 0, hits
+    assert len(rewrites) == 3  # the pass ran once per compile (Inductor's pre-grad slot only keys the caches)
