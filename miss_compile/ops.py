@@ -365,11 +365,11 @@ stacked_linear.register_autograd(_stacked_backward, setup_context=_stacked_setup
 #
 # PEFT's MissLinear under autocast: F.linear and the matmul S(a) @ D run in the autocast dtype, the
 # chunk sum in the adapter input's dtype (S is cast, not x), the adds follow the operands, and the
-# result is cast back to x's dtype. Without a rule of their own, the ops would ignore autocast in
-# eager mode's inner calls differently from their decompositions under Inductor. So, like an aten
-# op in autocast's lower-precision list: cast x, weight, bias and blocks (floating, on the autocast
-# device, not fp64) to the autocast dtype, run the op with autocast off, and return x's dtype as
-# PEFT does. Adapter inputs keep their dtype (their sums are cast inside the op). Bat folds in fp32
+# result is cast back to x's dtype. Without a rule of their own, an eager op's inner F.linear was
+# autocast while a compiled graph ran the decomposition on uncast inputs (fp32, or mm of mixed
+# dtypes). So, like an aten op in autocast's lower-precision list: cast x, weight, bias and blocks
+# (floating, on the autocast device, not fp64) to the autocast dtype, run the op with autocast off
+# (the kernel runs above autograd: the casts are differentiated), and return x's dtype as PEFT does. Adapter inputs keep their dtype (their sums are cast inside the op). Bat folds in fp32
 # from the cast W and D (PEFT rounds only W_pq @ D_p to the autocast dtype): within bf16 rounding.
 
 _AUTOCAST_KEPT_ARGS = {"linear": (1,), "bat_linear": (), "stacked_linear": ()}  # args not cast

@@ -143,8 +143,8 @@ def _adapted(which, variant):
     return theirs
 
 
-def _autocast_step(model, runner, ids):
-    with torch.autocast(**AUTOCAST):
+def _autocast_step(model, runner, ids, autocast=AUTOCAST):
+    with torch.autocast(**autocast):
         logits = model_output(runner, ids)
     logits.float().square().mean().backward()
     grads = {name: layer.miss_block["default"].grad for name, layer in named_miss_layers(model).items()}
@@ -169,6 +169,24 @@ def test_training_step_under_autocast_matches_eager(which, variant):
         assert_close_to_scale(grads[name], want)
     (report,) = backend.graph_pass.reports
     assert len(report.rewritten) == len(named_miss_layers(model)) and not report.skipped
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["balance", "bat"])
+def test_cuda_training_step_under_autocast_matches_eager(variant, dtype):
+    """The same rules on CUDA (AutocastCUDA), fp16 and bf16: PEFT eager against compiled."""
+    model = _adapted("peft", variant).cuda()
+    eager = clone(model)
+    compiled = torch.compile(model, backend=make_backend(), fullgraph=True)
+    ids, autocast = input_ids().cuda(), dict(device_type="cuda", dtype=dtype)
+    logits, grads = _autocast_step(model, compiled, ids, autocast)
+    expected, expected_grads = _autocast_step(eager, eager, ids, autocast)
+    assert logits.dtype == expected.dtype
+    torch.testing.assert_close(logits, expected, **TOLERANCE)
+    for name, want in expected_grads.items():
+        assert_close_to_scale(grads[name], want)
 
 
 @pytest.mark.xfail(strict=True, reason="passes.py: the merged F.linear(x, fold_weight(W, blocks), b) is not cast "
