@@ -147,7 +147,7 @@ def _frozen_parameters(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
     graphs = [module for module in gm.modules() if isinstance(module, fx.GraphModule)]  # with HOP bodies
     for module in graphs:
         for node in module.graph.find_nodes(op="call_function", target=reference.fold_weight):
-            layer = _readable(passes.layer_name(next(iter(node.users), node)))
+            layer = _folded_layer(node)
             weight, blocks = node.args[0], node.args[1]
             for role, arg in [("base weight", weight), *[("block", block) for block in blocks]]:
                 for tensor in _read_parameters(module, arg):
@@ -160,6 +160,17 @@ def _frozen_parameters(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
                 what = f"parameter {_readable(node.target)} {tuple(tensor.shape)}"
                 frozen.setdefault(id(tensor), (what, tensor))
     return list(frozen.values())
+
+
+def _folded_layer(fold: fx.Node) -> str:
+    """The layer a fold belongs to: the first node downstream that carries the layer's module stack
+    (the pass gives it to the node that replaces the layer's output)."""
+    node = fold
+    for _ in range(4):
+        if node.meta.get("nn_module_stack") or not node.users:
+            break
+        node = next(iter(node.users))
+    return _readable(passes.layer_name(node))
 
 
 def _read_parameters(module: fx.GraphModule, arg: object) -> list[torch.Tensor]:
@@ -190,15 +201,23 @@ def _readable(name: str) -> str:
     name = re.sub(r"^L\['args'\]\[0\]\.", "", name)
     for prefix in ("L__args___0_", "L__self___", "L_self_"):
         name = name.removeprefix(prefix)
-    return name
+    name = re.sub(r"_*dict_+modules_+", ".", name)  # attribute names of modules reached through __dict__
+    return re.sub(r"__+", ".", name).strip("._")
 
 
 class _FrozenCheck:
-    """Version counter and storage of every frozen parameter, as compiled; a list compare per call."""
+    """Version counter and storage of every frozen parameter; a list compare per call.
+
+    Compared with what they were when the graph last returned, not when it was compiled: a graph may
+    write a parameter itself (PEFT's bat forward reassigns `block.data` to the same values on CPU);
+    only writes between calls make its constants stale."""
 
     def __init__(self, frozen: list[tuple[str, torch.Tensor]]) -> None:
         self.names = [what for what, _ in frozen]
         self.tensors = [tensor for _, tensor in frozen]
+        self.record()
+
+    def record(self) -> None:
         self.versions = [tensor._version for tensor in self.tensors]
         self.storages = [tensor.data_ptr() for tensor in self.tensors]
 
@@ -226,11 +245,15 @@ def _checked(compiled: Callable, check: _FrozenCheck) -> Callable:
     if getattr(compiled, "_boxed_call", False):
         def run(args: list) -> Any:
             check()
-            return compiled(args)
+            out = compiled(args)
+            check.record()
+            return out
     else:
         def run(*args: Any) -> Any:
             check()
-            return compiled(*args)
+            out = compiled(*args)
+            check.record()
+            return out
     run.__dict__.update(getattr(compiled, "__dict__", {}))  # _boxed_call and the like
     return run
 

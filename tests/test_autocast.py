@@ -189,8 +189,6 @@ def test_cuda_training_step_under_autocast_matches_eager(variant, dtype):
         assert_close_to_scale(grads[name], want)
 
 
-@pytest.mark.xfail(strict=True, reason="passes.py: the merged F.linear(x, fold_weight(W, blocks), b) is not cast "
-                                       "back to x's dtype, so under autocast it returns bf16 where eager returns fp32")
 def test_merged_layer_under_autocast_returns_x_dtype():
     torch.manual_seed(0)
     model = apply_miss(Proj(), MissConfig(r=4, init="random", target_modules=["proj"])).eval().requires_grad_(False)

@@ -1,6 +1,7 @@
 """make_backend(merge=True) folds frozen blocks into W as compile-time constants: an in-place change
 afterwards (load_adapter, copy_ under no_grad) must raise with the fix, never serve the old fold."""
 
+import peft
 import pytest
 import torch
 from conftest import build, clone, input_ids, model_output, randomize_blocks
@@ -112,3 +113,21 @@ def test_frozen_parameters_name_the_merged_layers_first():
     assert len(merged) == 2 * len(layers)  # each layer's base weight and block
     assert [what for what, _ in frozen[: len(merged)]] == merged
     assert {id(t) for _, t in frozen} >= {id(layer.miss_block["default"]) for layer in layers.values()}
+
+
+def test_a_graph_that_writes_its_parameters_itself_is_no_false_alarm():
+    """PEFT's bat forward on CPU reassigns `block.data` (same values) on every call: the compiled graph
+    replays that write; only writes between calls are changes the frozen constants miss."""
+    model = peft.get_peft_model(build("llama", torch.bfloat16), MissConfig(r=8, variant="bat", target_modules="all-linear")
+                                .to_peft(), autocast_adapter_dtype=False).eval()  # bf16 blocks: PEFT's cast path
+    randomize_blocks(model)
+    model.requires_grad_(False)
+    compiled = torch.compile(model, backend=make_backend(merge=True))
+    ids = input_ids()
+    first, second = merged_call(compiled, ids), merged_call(compiled, ids)
+    torch.testing.assert_close(second, first)
+    with torch.no_grad():
+        model.base_model.model.model.layers[0].self_attn.q_proj.miss_block["default"].mul_(2)
+    with pytest.raises(RuntimeError, match=r"base_model\.model\.model_layers_0_self_attn_q_proj_miss_block_default "
+                                           r"\(4, 8, 8\) changed in place"):
+        merged_call(compiled, ids)
