@@ -12,9 +12,10 @@ reference.py, config.py, ...), so a warm cache never serves code built from othe
 
 merge=True folds frozen blocks into W under Inductor's freezing: blocks, base weights and every
 other parameter the graph reads become compile-time constants. An in-place change afterwards
-(load_adapter, `copy_` under no_grad, an optimizer step) is caught by their version counters on the
-next call, which raises with the fix instead of serving the old weights. Changes through `.data`
-bypass version counters and cannot be seen (`p.data.copy_(new)`: recompile by hand).
+(load_adapter, `copy_` under no_grad, an optimizer step) is caught by their version counters, and a
+new storage (`p.data = t`) by its address, on the next call, which raises with the fix instead of
+serving the old weights (about 0.3 us per frozen parameter and call). Writes into `p.data`
+(`p.data.copy_(new)`) bypass version counters and cannot be seen: recompile by hand after them.
 """
 
 from __future__ import annotations

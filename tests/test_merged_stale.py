@@ -85,14 +85,18 @@ def test_unmerged_backend_needs_no_check():
         torch.testing.assert_close(model_output(compiled, ids), model_output(model, ids), atol=1e-5, rtol=1e-5)
 
 
-def test_version_counters_see_copy_under_no_grad_but_not_data():
-    """What the check relies on, and its documented limit: `.data` writes bypass version counters."""
+def test_version_counters_see_copy_under_no_grad_but_not_writes_into_data():
+    """What the check relies on, and its documented limit: writes into `.data` bypass version counters."""
     block = torch.nn.Parameter(torch.zeros(3, 4), requires_grad=False)
     check = _FrozenCheck([("the block", block)])
     block.data.copy_(torch.ones(3, 4))  # invisible to autograd's version counter
     check()
     with torch.no_grad():
         block.copy_(torch.zeros(3, 4))
+    with pytest.raises(RuntimeError, match="the block changed in place"):
+        check()
+    check.record()
+    block.data = torch.ones(3, 4)  # a new storage: no version bump, but another address
     with pytest.raises(RuntimeError, match="the block changed in place"):
         check()
 
