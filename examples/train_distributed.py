@@ -49,6 +49,7 @@ class TrainConfig:
     steps: int = 10
     start_step: int = 0        # with resume: the step the adapter was saved after
     batch: int = 2             # per rank
+    micro_batch: int = 0       # > 0: forward/backward in slices of this many rows, gradients accumulated
     seq: int = 16
     lr: float = 0.5            # plain SGD: stateless, so resuming from blocks alone is exact
     seed: int = 0
@@ -117,11 +118,17 @@ def train(config: TrainConfig) -> tuple[nn.Module, list[float]]:
     for step in range(config.start_step, config.steps):
         started = time.perf_counter()
         ids = global_batch(step, world, config).chunk(world)[rank].to(config.device)
-        loss = train_model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
+        # In slices, the mean of the slices' losses is what DDP/FSDP2 average over ranks of that batch,
+        # and each GEMM has a rank's shapes (bf16 kernels round differently at other shapes).
+        slices = ids.split(config.micro_batch) if config.micro_batch else (ids,)
+        loss = torch.zeros((), device=config.device)
+        for part in slices:
+            part_loss = train_model(input_ids=part, labels=part, use_cache=False).loss / len(slices)
+            part_loss.backward()
+            loss = loss + part_loss.detach()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(_mean_over_ranks(loss.detach(), world))
+        losses.append(_mean_over_ranks(loss, world))
         if rank == 0:
             print(f"step {step + 1:3d}/{config.steps}  loss {losses[-1]:.4f}  {time.perf_counter() - started:6.2f} s",
                   flush=True)

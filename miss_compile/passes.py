@@ -116,7 +116,7 @@ def layer_name(node: fx.Node) -> str:
     path = list(stack.values())[-1][0]
     path = re.sub(r"\.__dict__\['_modules'\]\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
-    path = re.sub(r"^L\['self'\]\.?", "", path)
+    path = re.sub(r"^L\[(?:'self'|'args'\]\[0)\]\.?", "", path)  # a model traced under freezing is args[0]
     return path.removesuffix(".base_layer")
 
 

@@ -12,8 +12,10 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from fuzzing import Fuzzer  # noqa: E402  (registers and loads the hypothesis profiles)
 from torch import nn  # noqa: E402
 
+from miss_compile import adapters_disabled, set_active_adapters  # noqa: E402
 from miss_compile.peft_compat import named_miss_layers  # noqa: E402
 
 VOCAB = 64
@@ -73,6 +75,25 @@ def model_output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
+@torch.no_grad()
+def rows_alone(model, ids, names):
+    """Each row run alone with its own adapter (None: adapters off): what the mixed batch must equal."""
+    rows = []
+    for row, name in enumerate(names):
+        if name is None:
+            with adapters_disabled(model):
+                rows.append(model_output(model, ids[row:row + 1]))
+        else:
+            set_active_adapters(model, name)
+            rows.append(model_output(model, ids[row:row + 1]))
+    return torch.cat(rows)
+
+
+def mixed(model, ids, **selection):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False, **selection).logits
+
+
 def _is_causal_lm(model: nn.Module) -> bool:
     inner = getattr(getattr(model, "base_model", None), "model", model)
     return "CausalLM" in type(inner).__name__ or "LMHead" in type(inner).__name__
@@ -99,10 +120,16 @@ def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
+@pytest.fixture
+def fuzz(request):
+    """The shared hypothesis fuzzer (tests/fuzzing.py): derandomized in CI, timed under --soak."""
+    return Fuzzer(request)
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--soak", type=float, default=None, metavar="SECONDS",
-        help="run the hypothesis fuzz tests (tests/test_fuzz.py) for about SECONDS in all, with fresh random "
+        help="run the hypothesis fuzz tests (tests/test_fuzz.py, tests/test_lookalike_fuzz.py) for about SECONDS in all, with fresh random "
              "seeds, and report examples tried and failures (release check; CI runs them derandomized)",
     )
 

@@ -9,12 +9,11 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import DECODER, clone, input_ids, model_output
+from conftest import DECODER, clone, input_ids, mixed, model_output, rows_alone
 
 from miss_compile import (
     MissConfig,
     adapter_ids_for,
-    adapters_disabled,
     apply_miss,
     miss_backend,
     set_active_adapters,
@@ -40,25 +39,6 @@ def adapted(architecture, names=("a", "b"), layers=2):
     for name in names:
         apply_miss(model, ADAPTERS[name], name)
     return model  # apply_miss installed the selection hooks
-
-
-@torch.no_grad()
-def rows_alone(model, ids, names):
-    """Each row run alone with its own adapter (None: adapters off)."""
-    rows = []
-    for row, name in enumerate(names):
-        if name is None:
-            with adapters_disabled(model):
-                rows.append(model_output(model, ids[row:row + 1]))
-        else:
-            set_active_adapters(model, name)
-            rows.append(model_output(model, ids[row:row + 1]))
-    return torch.cat(rows)
-
-
-def mixed(model, ids, **selection):
-    with torch.no_grad():
-        return model(input_ids=ids, use_cache=False, **selection).logits
 
 
 def assert_rows(model, ids, names):

@@ -9,7 +9,7 @@ graph runs eagerly, custom ops included) and checks the oracle:
   - every adapter-looking layer is rewritten or reported as left alone, and forms that are exactly
     MiSS are rewritten.
 CI runs a derandomized set; `pytest tests/test_lookalike_fuzz.py --soak=SECONDS` runs fresh seeds
-(the Fuzzer of test_fuzz.py).
+(the shared Fuzzer, tests/fuzzing.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import reject
 from hypothesis import strategies as st
-from test_fuzz import fuzz  # noqa: F401  (the fixture: derandomized in CI, timed under --soak)
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -364,9 +363,9 @@ def _summary(request):
     assert STATS["wrong"] == 0 and STATS["errors"] == 0, dict(STATS)
 
 
-def test_plain_forms_are_rewritten_exactly_or_left_and_reported(fuzz):  # noqa: F811
+def test_plain_forms_are_rewritten_exactly_or_left_and_reported(fuzz):
     fuzz.run(examples(("balance", "mini", "bat")), check, examples=150)
 
 
-def test_peft_forms_are_rewritten_exactly(fuzz):  # noqa: F811
+def test_peft_forms_are_rewritten_exactly(fuzz):
     fuzz.run(examples(("peft",)), check, examples=60)

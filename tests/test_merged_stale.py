@@ -37,6 +37,8 @@ def test_in_place_load_raises_then_a_recompile_serves_the_new_blocks(tmp_path):
     before = merged_call(compiled, ids)
     torch.testing.assert_close(merged_call(compiled, ids), before)  # unchanged: no false alarm
     assert all(item.merged for item in backend.graph_pass.reports[0].rewritten)
+    # traced under freezing the model is Dynamo's args[0]: the report still names layers as the model does
+    assert backend.graph_pass.reports[0].rewritten[0].layer == "model.layers.0.self_attn.q_proj"
 
     load_adapter(model, tmp_path)  # copies into the existing blocks under no_grad
     with pytest.raises(RuntimeError, match=r"the block \(3, 32\) of merged layer 'model\.layers\.0\.self_attn\.q_proj' "

@@ -6,7 +6,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import DECODER, build, clone, input_ids, model_output
+from conftest import DECODER, build, clone, input_ids, mixed, model_output, rows_alone
 from torch._inductor.utils import run_and_get_code
 from torch.testing import FileCheck
 
@@ -15,7 +15,6 @@ from miss_compile import (
     NO_ADAPTER,
     MissConfig,
     adapter_ids_for,
-    adapters_disabled,
     apply_miss,
     make_backend,
     reference,
@@ -51,25 +50,6 @@ def adapted(names=("a", "b", "c"), layers=2):
         apply_miss(model, ADAPTERS[name], name)
     randomize_all(model)
     return model
-
-
-@torch.no_grad()
-def rows_alone(model, ids, names):
-    """Each row run alone with its own adapter (None: adapters off): what the mixed batch must equal."""
-    rows = []
-    for row, name in enumerate(names):
-        if name is None:
-            with adapters_disabled(model):
-                rows.append(model_output(model, ids[row:row + 1]))
-        else:
-            set_active_adapters(model, name)
-            rows.append(model_output(model, ids[row:row + 1]))
-    return torch.cat(rows)
-
-
-def mixed(model, ids, **selection):
-    with torch.no_grad():
-        return model(input_ids=ids, use_cache=False, **selection).logits
 
 
 @pytest.fixture(scope="module")
