@@ -21,6 +21,7 @@ from .inject import (
     unmerge_adapters,
 )
 from .layer import MissLinear
+from .lora import to_lora
 from .passes import PassReport
 from .stacked import NO_ADAPTER, adapter_ids_for, stack_adapters
 
@@ -49,4 +50,5 @@ __all__ = [
     "stack_adapters",
     "adapter_ids_for",
     "NO_ADAPTER",
+    "to_lora",
 ]

@@ -40,6 +40,8 @@ __all__ = [
     "config_of",
     "check_blocks",
     "check_saved_modules",
+    "atomic_write",
+    "writable_folder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -99,7 +101,7 @@ def modules_to_save_of(model: nn.Module, adapter_name: str) -> list[str] | None:
     return names or None
 
 
-def _atomic_write(files: dict[Path, Callable[[str], object]]) -> None:
+def atomic_write(files: dict[Path, Callable[[str], object]]) -> None:
     """Write every file to a temp file beside it first, then move them all into place: a failed
     write (full disk, bad permissions, a block that cannot be serialized) changes no file."""
     staged: dict[Path, str] = {}
@@ -117,7 +119,7 @@ def _atomic_write(files: dict[Path, Callable[[str], object]]) -> None:
             Path(tmp).unlink(missing_ok=True)
 
 
-def _writable_folder(directory: Path) -> Path:
+def writable_folder(directory: Path) -> Path:
     """`directory`, created if need be; a clear error when it cannot hold the adapter's files."""
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"cannot save the adapter to {directory}: it is a file; pass a folder path")
@@ -158,11 +160,11 @@ def write_adapter(
             f"modules_to_save={config.modules_to_save} in the config but {len(saved or {})} saved-module tensors: "
             "pass both or neither (a checkpoint without the trained head would load wrong)"
         )
-    directory = _writable_folder(Path(directory))
+    directory = writable_folder(Path(directory))
     tensors = {_key(name): block.detach().cpu().contiguous() for name, block in blocks.items()}
     tensors.update({KEY_PREFIX + key: value.detach().cpu().contiguous() for key, value in (saved or {}).items()})
     peft_config = config.to_peft_dict()
-    _atomic_write({
+    atomic_write({
         directory / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
         directory / CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(peft_config, indent=2) + "\n"),
     })
