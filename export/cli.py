@@ -1,14 +1,18 @@
 """miss-export: a local transformers model folder + a PEFT MiSS adapter folder -> ONNX.
 
     miss-export BASE --adapter DIR -o OUT.onnx [--unmerged] [--dtype fp16] [--device cuda]
+    miss-export to-lora ADAPTER_DIR --base BASE -o OUT_DIR [--adapter-name NAME | --combine A B ...]
 
 Merged by default (the base model's graph and cost). --unmerged keeps blocks apart as
-overridable initializers and also writes OUT.onnx_adapter for the given adapter.
+overridable initializers and also writes OUT.onnx_adapter for the given adapter. `to-lora` writes
+a balance / mini adapter as the PEFT LoRA checkpoint that gives the same outputs (for LoRA serving
+engines); only BASE's config.json is read.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
@@ -20,6 +24,7 @@ import torch
 import transformers
 
 from miss_compile.checkpoint import load_adapter
+from miss_compile.lora import to_lora
 
 from .adapters import write_onnx_adapter
 from .onnx import export_onnx
@@ -72,7 +77,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _to_lora_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="miss-export to-lora",
+                                     description="a PEFT MiSS adapter folder (balance, mini) -> an exact PEFT LoRA folder")
+    parser.add_argument("adapter", type=Path, help="PEFT-format MiSS adapter folder")
+    parser.add_argument("--base", type=Path, default=None,
+                        help="local transformers model folder of the base model (only config.json is read); "
+                             "default: the adapter's base_model_name_or_path when it is a local folder")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="the LoRA folder to write")
+    parser.add_argument("--adapter-name", default="default",
+                        help="adapter to convert: its subfolder of ADAPTER_DIR (PEFT's save_pretrained layout), if any")
+    parser.add_argument("--combine", nargs="+", metavar="NAME", default=None,
+                        help="sum these adapters (subfolders; 'default' is ADAPTER_DIR itself) into one LoRA")
+    return parser
+
+
+def _main_to_lora(argv: list[str]) -> int:
+    args = _to_lora_parser().parse_args(argv)
+    transformers.logging.set_verbosity_error()
+    try:
+        path = to_lora(args.adapter, args.output, args.adapter_name, combine=args.combine, base_model=args.base)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        raise SystemExit(f"miss-export to-lora: {error}") from None
+    config = json.loads((path / "adapter_config.json").read_text())
+    print(f"wrote PEFT LoRA {path}: r={config['r']} (lora_alpha=r, scaling 1), {len(config['target_modules'])} "
+          f"layers, rank_pattern {config['rank_pattern'] or 'none'}, modules_to_save {config['modules_to_save']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["to-lora"]:
+        return _main_to_lora(argv[1:])
     args = _parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecations a user cannot act on
     transformers.logging.set_verbosity_error()

@@ -10,6 +10,7 @@ concatenated), exact because balance / mini updates add.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import Counter
@@ -263,7 +264,7 @@ def _convert(adapters: list[_Adapter]) -> tuple[dict[str, torch.Tensor], dict[st
             conv1d = conv1d or layer.conv1d
     tensors, ranks = {}, {}
     for layer_name, pairs in sorted(factors.items()):
-        dtype = torch.promote_types(*(pairs[0][1].dtype, *(b.dtype for _, b in pairs)))
+        dtype = functools.reduce(torch.promote_types, (b.dtype for _, b in pairs))
         lora_a = torch.cat([a.to(dtype) for a, _ in pairs], dim=0)  # [r1 + r2, in]
         lora_b = torch.cat([b.to(dtype) for _, b in pairs], dim=1)  # [out, r1 + r2]
         tensors[f"{KEY_PREFIX}{layer_name}.lora_A.weight"] = lora_a.cpu().contiguous()
