@@ -1,7 +1,7 @@
 """miss-export: a local transformers model folder + a PEFT MiSS adapter folder -> ONNX.
 
     miss-export BASE --adapter DIR -o OUT.onnx [--unmerged] [--dtype fp16] [--device cuda]
-    miss-export to-lora ADAPTER_DIR --base BASE -o OUT_DIR [--adapter-name NAME | --combine A B ...]
+    miss-export to-lora ADAPTER_DIR --base BASE -o OUT_DIR [--adapter-name NAME | --combine A B ...] [--uniform-rank]
 
 Merged by default (the base model's graph and cost). --unmerged keeps blocks apart as
 overridable initializers and also writes OUT.onnx_adapter for the given adapter. `to-lora` writes
@@ -89,6 +89,8 @@ def _to_lora_parser() -> argparse.ArgumentParser:
                         help="adapter to convert: its subfolder of ADAPTER_DIR (PEFT's save_pretrained layout), if any")
     parser.add_argument("--combine", nargs="+", metavar="NAME", default=None,
                         help="sum these adapters (subfolders; 'default' is ADAPTER_DIR itself) into one LoRA")
+    parser.add_argument("--uniform-rank", action="store_true",
+                        help="pad every layer to the largest rank with zeros (no rank_pattern; exact too)")
     return parser
 
 
@@ -96,7 +98,8 @@ def _main_to_lora(argv: list[str]) -> int:
     args = _to_lora_parser().parse_args(argv)
     transformers.logging.set_verbosity_error()
     try:
-        path = to_lora(args.adapter, args.output, args.adapter_name, combine=args.combine, base_model=args.base)
+        path = to_lora(args.adapter, args.output, args.adapter_name, combine=args.combine, base_model=args.base,
+                       uniform_rank=args.uniform_rank)
     except (ValueError, TypeError, FileNotFoundError) as error:
         raise SystemExit(f"miss-export to-lora: {error}") from None
     config = json.loads((path / "adapter_config.json").read_text())

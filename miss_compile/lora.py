@@ -88,6 +88,7 @@ def to_lora(
     *,
     combine: list[str] | None = None,
     base_model: nn.Module | str | os.PathLike | None = None,
+    uniform_rank: bool = False,
 ) -> Path:
     """Write a MiSS adapter as a standard PEFT LoRA checkpoint that gives the same outputs.
 
@@ -96,7 +97,8 @@ def to_lora(
     PEFT's save_pretrained lays them out). A folder needs `base_model` (a model, or a local
     transformers folder: only its config.json is read) for each layer's in_features and type.
     combine: names of adapters to sum into one LoRA (rank r1 + r2 per layer, `rank_pattern` where
-    layers differ); `adapter_name` is then unused. Anything that cannot convert exactly (bat,
+    layers differ); `adapter_name` is then unused. uniform_rank: pad every layer to the largest rank
+    with zeros instead (exact too; for engines that ignore rank_pattern). Anything that cannot convert exactly (bat,
     several modules_to_save heads, different dropouts) is refused naming the layer and the reason,
     and nothing is written. Returns `out_dir`.
     """
@@ -110,7 +112,7 @@ def to_lora(
     else:
         base = _base_root(base_model, Path(source))
         adapters = [_read_folder(Path(source), name, base) for name in names]
-    tensors, config = _convert(adapters)
+    tensors, config = _convert(adapters, uniform_rank)
     directory = writable_folder(Path(out_dir))
     atomic_write({
         directory / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
@@ -249,7 +251,7 @@ def _refusals(adapters: list[_Adapter]) -> list[str]:
     return problems
 
 
-def _convert(adapters: list[_Adapter]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _convert(adapters: list[_Adapter], uniform_rank: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The LoRA tensors (PEFT's keys) and adapter_config.json fields; raises listing every refusal."""
     problems = _refusals(adapters)
     if problems:
@@ -262,11 +264,16 @@ def _convert(adapters: list[_Adapter]) -> tuple[dict[str, torch.Tensor], dict[st
             lora_a, lora_b = lora_factors(layer.block, layer.variant, layer.in_features, layer.out_features)
             factors.setdefault(layer_name, []).append((lora_a, lora_b))
             conv1d = conv1d or layer.conv1d
+    max_rank = max(sum(a.shape[0] for a, _ in pairs) for pairs in factors.values())
     tensors, ranks = {}, {}
     for layer_name, pairs in sorted(factors.items()):
         dtype = functools.reduce(torch.promote_types, (b.dtype for _, b in pairs))
         lora_a = torch.cat([a.to(dtype) for a, _ in pairs], dim=0)  # [r1 + r2, in]
         lora_b = torch.cat([b.to(dtype) for _, b in pairs], dim=1)  # [out, r1 + r2]
+        if uniform_rank:  # zero rows of A meet zero columns of B: the same update at the largest rank
+            pad = max_rank - lora_a.shape[0]
+            lora_a = torch.cat([lora_a, lora_a.new_zeros(pad, lora_a.shape[1])], dim=0)
+            lora_b = torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], pad)], dim=1)
         tensors[f"{KEY_PREFIX}{layer_name}.lora_A.weight"] = lora_a.cpu().contiguous()
         tensors[f"{KEY_PREFIX}{layer_name}.lora_B.weight"] = lora_b.cpu().contiguous()
         ranks[layer_name] = lora_a.shape[0]

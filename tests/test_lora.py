@@ -120,6 +120,10 @@ def test_two_adapters_each_and_combined(tmp_path):
     assert config["rank_pattern"] == {f"model.layers.{i}.self_attn.{p}": 11 for i in (0, 1) for p in ("q_proj", "v_proj")}
     set_active_adapters(model, ["a", "b"])
     assert_same_outputs(model, lora_model("llama", tmp_path / "ab"))
+    to_lora(model, tmp_path / "ab_uniform", combine=["b", "a"], uniform_rank=True)
+    config = json.loads((tmp_path / "ab_uniform" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["rank_pattern"]) == (11, 11, {})
+    assert_same_outputs(model, lora_model("llama", tmp_path / "ab_uniform"))
 
 
 def test_greedy_generation_matches(tmp_path):
