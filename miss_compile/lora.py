@@ -97,10 +97,10 @@ def to_lora(
     PEFT's save_pretrained lays them out). A folder needs `base_model` (a model, or a local
     transformers folder: only its config.json is read) for each layer's in_features and type.
     combine: names of adapters to sum into one LoRA (rank r1 + r2 per layer, `rank_pattern` where
-    layers differ); `adapter_name` is then unused. uniform_rank: pad every layer to the largest rank
-    with zeros instead (exact too; for engines that ignore rank_pattern). Anything that cannot convert exactly (bat,
-    several modules_to_save heads, different dropouts) is refused naming the layer and the reason,
-    and nothing is written. Returns `out_dir`.
+    layers differ); `adapter_name` is then unused. uniform_rank: pad every layer to the largest
+    rank with zeros instead (exact too; for engines that ignore rank_pattern). Anything that cannot
+    convert exactly (bat, several modules_to_save heads, different dropouts) is refused naming the
+    layer and the reason, and nothing is written. Returns `out_dir`.
     """
     if not isinstance(adapter_name, str):
         raise TypeError(f"adapter_name must be one name, got {adapter_name!r}; to sum adapters pass combine=[names]")

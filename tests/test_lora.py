@@ -230,3 +230,19 @@ def test_cli_to_lora(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"q_proj: adapter 'default' is bat"):
         main(["to-lora", str(tmp_path / "bat"), "--base", str(tmp_path / "llama"), "-o", str(tmp_path / "bat_lora")])
     assert not (tmp_path / "bat_lora").exists()
+
+
+def test_cli_combines_peft_adapter_subfolders(tmp_path):
+    """PEFT's save_pretrained layout: "default" in the folder, other adapters in subfolders."""
+    model = adapted("llama", "balance", 3, targets=["q_proj"])
+    adapted("llama", "mini", 4, 2, adapter_name="b", model=model)
+    save_adapter(model, tmp_path / "miss")
+    save_adapter(model, tmp_path / "miss" / "b", adapter_name="b")
+    build("llama").save_pretrained(tmp_path / "base")
+    argv = ["to-lora", str(tmp_path / "miss"), "--base", str(tmp_path / "base"), "-o"]
+    assert main(argv + [str(tmp_path / "b_only"), "--adapter-name", "b"]) == 0
+    assert main(argv + [str(tmp_path / "both"), "--combine", "default", "b"]) == 0
+    set_active_adapters(model, "b")
+    assert_same_outputs(model, lora_model("llama", tmp_path / "b_only"))
+    set_active_adapters(model, ["default", "b"])
+    assert_same_outputs(model, lora_model("llama", tmp_path / "both"))
