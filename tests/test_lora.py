@@ -8,7 +8,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import DECODER, build, input_ids, model_output, randomize_blocks
+from conftest import DECODER, VOCAB, build, input_ids, model_output, randomize_blocks
 from safetensors.torch import load_file
 
 from export.cli import main
@@ -246,3 +246,41 @@ def test_cli_combines_peft_adapter_subfolders(tmp_path):
     assert_same_outputs(model, lora_model("llama", tmp_path / "b_only"))
     set_active_adapters(model, ["default", "b"])
     assert_same_outputs(model, lora_model("llama", tmp_path / "both"))
+
+
+@pytest.mark.slow
+def test_onnxruntime_genai_model_builder_route(tmp_path):
+    """MiSS -> to_lora -> onnxruntime-genai's model builder (adapter_path=) -> the MiSS model's greedy tokens.
+    Needs onnxruntime-genai (not a project dependency: install it with --no-deps beside onnxruntime-gpu)."""
+    og = pytest.importorskip("onnxruntime_genai")
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    def llama16():  # genai's GroupQueryAttention needs head_size % 16 == 0
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(**{**DECODER, "num_attention_heads": 2, "num_key_value_heads": 1})
+        return transformers.LlamaForCausalLM(config).eval()
+
+    llama16().save_pretrained(tmp_path / "base")
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", pad_token="t0").save_pretrained(
+        tmp_path / "base")
+    model = adapted("llama", "balance", 3, model=llama16())
+    to_lora(model, tmp_path / "lora")
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(tmp_path / "base"),
+                    "-o", str(tmp_path / "genai"), "-p", "fp32", "-e", "cpu", "-c", str(tmp_path / "cache"),
+                    "--extra_options", f"adapter_path={tmp_path / 'lora'}"], check=True, capture_output=True)
+    prompt = input_ids(batch=1, seq=5)
+    with torch.no_grad():
+        expected = model.generate(prompt, do_sample=False, max_new_tokens=12, min_new_tokens=12, pad_token_id=0)
+    genai_model = og.Model(str(tmp_path / "genai"))
+    params = og.GeneratorParams(genai_model)
+    params.set_search_options(do_sample=False, max_length=17, min_length=17)
+    generator = og.Generator(genai_model, params)
+    generator.append_tokens(prompt[0].tolist())
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert [int(t) for t in generator.get_sequence(0)] == expected[0].tolist()
