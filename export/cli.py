@@ -66,7 +66,10 @@ def _load_base(folder: Path) -> torch.nn.Module:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="miss-export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="miss-export", description=__doc__.splitlines()[0],
+        epilog="also: miss-export to-lora ADAPTER_DIR --base BASE -o OUT_DIR writes a balance / mini adapter as an "
+               "exact PEFT LoRA folder (see miss-export to-lora --help)")
     parser.add_argument("base", type=Path, help="local transformers model folder (save_pretrained)")
     parser.add_argument("--adapter", type=Path, required=True, help="PEFT-format MiSS adapter folder")
     parser.add_argument("-o", "--output", type=Path, required=True, help="the .onnx file to write")
