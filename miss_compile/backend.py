@@ -242,20 +242,17 @@ class _FrozenCheck:
 
 
 def _checked(compiled: Callable, check: _FrozenCheck) -> Callable:
-    """`compiled`, with `check` before every call; keeps its calling convention (boxed or not)."""
-    if getattr(compiled, "_boxed_call", False):
-        def run(args: list) -> Any:
-            check()
-            out = compiled(args)
-            check.record()
-            return out
-    else:
-        def run(*args: Any) -> Any:
-            check()
-            out = compiled(*args)
-            check.record()
-            return out
-    run.__dict__.update(getattr(compiled, "__dict__", {}))  # _boxed_call and the like
+    """`compiled`, with `check` before every call. Arguments pass through as they come: Inductor's
+    result may carry a `_boxed_call` attribute copied by functools.wraps from a boxed inner function
+    while itself taking *args (Dynamo calls it so), so its calling convention is not ours to guess."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        check()
+        out = compiled(*args, **kwargs)
+        check.record()
+        return out
+
+    run.__dict__.update(getattr(compiled, "__dict__", {}))  # whatever its callers read off it
     return run
 
 

@@ -137,3 +137,24 @@ def test_a_graph_that_writes_its_parameters_itself_is_no_false_alarm():
     with pytest.raises(RuntimeError, match=r"base_model\.model\.model_layers_0_self_attn_q_proj_miss_block_default "
                                            r"\(4, 8, 8\) changed in place"):
         merged_call(compiled, ids)
+
+
+def test_merged_graphs_with_several_inputs_and_shapes_serve_and_check():
+    """A padded batch with its mask, then other lengths (Dynamo's dynamic graph takes sizes as inputs):
+    the checked merged graph passes every input through and gives eager's numbers, and still raises
+    on a stale fold after the dynamic recompile."""
+    model = frozen_model()
+    compiled = torch.compile(model, backend=make_backend(merge=True))
+    for batch, seq in ((2, 7), (3, 9), (2, 5)):
+        ids = input_ids(batch, seq)
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0  # left padding
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+            got = compiled(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.miss_block["default"].add_(1)
+    ids = input_ids(3, 9)  # a shape and a signature the dynamic graph already serves
+    with pytest.raises(RuntimeError, match=r"changed in place"), torch.no_grad():
+        compiled(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
