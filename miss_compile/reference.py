@@ -40,7 +40,12 @@ def chunk_sum(x: torch.Tensor, r: int) -> torch.Tensor:
     pad = (-x.shape[-1]) % r
     if pad:
         x = F.pad(x, (0, pad))
-    return x.reshape(*x.shape[:-1], x.shape[-1] // r, r).sum(-2)
+    chunks = x.reshape(*x.shape[:-1], x.shape[-1] // r, r)
+    if x.dtype in (torch.bfloat16, torch.float16):
+        # fp32 accumulation, one rounding: what torch's half-precision sum does anyway; spelled out,
+        # Inductor's CPU codegen does not declare one accumulator twice when two layers sum one x.
+        return chunks.sum(-2, dtype=torch.float32).to(x.dtype)
+    return chunks.sum(-2)
 
 
 def expand_block(block: torch.Tensor, variant: str, out_features: int) -> torch.Tensor:

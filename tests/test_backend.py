@@ -349,3 +349,21 @@ def test_warm_cache_serves_only_graphs_built_from_the_same_sources(tmp_path, mon
             hits.append(_cache_hits())
     assert hits[0] == 0 and hits[1] > 0 and hits[2] == 0, hits
     assert len(rewrites) == 3  # the pass ran once per compile (Inductor's pre-grad slot only keys the caches)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_with_two_layers_reading_one_x(dtype):
+    """A PEFT model cast whole to bf16/fp16 (blocks too), q_proj and v_proj adapted: both chunk sums read
+    one x. Inductor's CPU codegen declared one accumulator twice for two such half-precision sums (a
+    C++ compile error); the chunk sum accumulates in fp32 explicitly (one rounding, as torch's own sum)."""
+    base = build("llama")
+    theirs = peft.get_peft_model(base, peft.MissConfig(r=4, init_weights=False, target_modules=["q_proj", "v_proj"]))
+    theirs = theirs.to(dtype).eval()
+    ids = input_ids()
+    with torch.no_grad():
+        expected = model_output(theirs, ids)
+        backend = make_backend()
+        got = model_output(torch.compile(clone(theirs), backend=backend), ids)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+    assert sum(len(report.rewritten) for report in backend.graph_pass.reports) == 4
