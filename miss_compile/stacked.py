@@ -193,14 +193,23 @@ def _stack_state(layers: dict[str, nn.Module]) -> dict[str, tuple]:
 
 def stale_stacks(model: nn.Module) -> bool:
     """True when `model`'s blocks or MiSS layers changed since its adapters were stacked (or were never stacked)."""
-    return getattr(model, "_miss_stacked_state", None) != _stack_state(named_miss_layers(model))
+    return _changed_since_stacked(model, named_miss_layers(model))
+
+
+def _changed_since_stacked(model: nn.Module, layers: dict[str, nn.Module]) -> bool:
+    return getattr(model, "_miss_stacked_state", None) != _stack_state(layers)
+
+
+def _bat_adapters(layers: dict[str, nn.Module]) -> set[str]:
+    """The adapters that are bat on some layer (bat cannot share a stack)."""
+    return {name for layer in layers.values() for name, variant in getattr(layer, "miss_variant", {}).items()
+            if variant == "bat"}
 
 
 def _stackable(layers: dict[str, nn.Module]) -> list[str]:
-    """Every adapter, in the order first seen, but those that are bat on some layer (bat cannot share a stack)."""
+    """Every adapter, in the order first seen, but the bat ones."""
     names = dict.fromkeys(name for layer in layers.values() for name in layer.miss_block)
-    bat = {name for layer in layers.values() for name, variant in getattr(layer, "miss_variant", {}).items()
-           if variant == "bat"}
+    bat = _bat_adapters(layers)
     return [name for name in names if name not in bat]
 
 
@@ -229,7 +238,7 @@ def refresh_stacks(model: nn.Module) -> bool:
     if getattr(model, "miss_stack_names", None) is None:
         return False
     layers = named_miss_layers(model)
-    if getattr(model, "_miss_stacked_state", None) == _stack_state(layers):
+    if not _changed_since_stacked(model, layers):
         return False
     _restack(model, layers, by_ids=False)
     return True
@@ -259,8 +268,7 @@ def _ids_for(model: nn.Module, adapter_names: Sequence[str | None], device: Any 
 
 def _why_not_stacked(model: nn.Module, names: list[str]) -> str:
     layers = named_miss_layers(model)
-    bat = sorted({name for layer in layers.values() for name, variant in getattr(layer, "miss_variant", {}).items()
-                  if name in names and variant == "bat"})
+    bat = sorted(_bat_adapters(layers) & set(names))
     if bat:
         return (f"; {bat} are bat on some layers and bat cannot share a stack (its update depends on W): "
                 "serve them one at a time with set_active_adapters")
@@ -309,8 +317,7 @@ def _select_adapters_eagerly(model: nn.Module, args: tuple, kwargs: dict) -> tup
     every = named_miss_layers(model)  # one walk over the model per call
     selecting = names is not None or ids is not None
     # Tracing (torch.export's fake ids) uses the stacks as they are: no new tensors inside a trace.
-    if selecting and not (isinstance(ids, torch.Tensor) and is_fake(ids)) and \
-            getattr(model, "_miss_stacked_state", None) != _stack_state(every):
+    if selecting and not (isinstance(ids, torch.Tensor) and is_fake(ids)) and _changed_since_stacked(model, every):
         _restack(model, every, by_ids=ids is not None)
         every = named_miss_layers(model)
     layers = [layer for layer in every.values() if _is_stacked(layer)]
