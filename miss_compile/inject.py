@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import defaultdict
 from collections.abc import Iterator
 
 import torch
@@ -18,7 +17,15 @@ from .adapter_settings import check_same_settings
 from .config import ALL_LINEAR, MissConfig
 from .layer import MissLinear, base_features, has_untied_weight, retie_base_weight, untie_base_weight
 from .modules_to_save import find_modules_to_save, wrap_modules_to_save
-from .peft_compat import adapter_variant, is_miss_layer, model_root, named_miss_layers, peft_tuner
+from .peft_compat import (
+    adapter_variant,
+    base_weight_of,
+    is_miss_layer,
+    model_root,
+    named_miss_layers,
+    peft_tuner,
+    shared_base_weights,
+)
 from .saved_modules import (
     enable_saved_modules,
     is_saved_module,
@@ -34,7 +41,6 @@ __all__ = [
     "adapters_disabled",
     "merge_adapters",
     "unmerge_adapters",
-    "shared_base_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -176,59 +182,6 @@ def _apply_to_peft(
     return model
 
 
-# --- weights that other modules read too (tied output heads)
-
-
-def _memory(tensor: torch.Tensor) -> tuple[tuple, int, int] | None:
-    """(storage, first byte, end byte) of a tensor's memory; None where that cannot be told (meta,
-    sparse, quantized, DTensor...). Views of one flat buffer that do not overlap are not sharing."""
-    try:
-        pointer = tensor.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError, TypeError):
-        return None
-    if not pointer or tensor.numel() == 0:
-        return None
-    span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
-    start = tensor.storage_offset() * tensor.element_size()
-    return (tensor.device, pointer), start, start + span * tensor.element_size()
-
-
-def shared_base_weights(model: nn.Module) -> dict[str, list[str]]:
-    """MiSS layer name -> every parameter or buffer name that reads its base weight, for the layers
-    whose base weight some other module reads too: the same Parameter under two names (a tied
-    lm_head and input embedding) or another tensor over the same memory. Merging into such a
-    weight in place would change those modules as well."""
-    holders: dict[int, list[str]] = defaultdict(list)
-    tensors: dict[int, torch.Tensor] = {}
-    root = model_root(model)
-    for name, tensor in [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]:
-        holders[id(tensor)].append(name)
-        tensors[id(tensor)] = tensor
-    by_storage: dict[tuple, list[tuple[int, int, list[str]]]] = defaultdict(list)
-    for key, tensor in tensors.items():
-        memory = _memory(tensor)
-        if memory is not None:
-            by_storage[memory[0]].append((memory[1], memory[2], holders[key]))
-    shared: dict[str, list[str]] = {}
-    for layer_name, layer in named_miss_layers(model).items():
-        weight = _base_weight_of(layer)
-        readers = set(holders[id(weight)])
-        memory = _memory(weight)
-        if memory is not None:
-            storage, start, end = memory
-            for other_start, other_end, names in by_storage[storage]:
-                if other_start < end and start < other_end:
-                    readers.update(names)
-        if len(readers) > 1:
-            shared[layer_name] = sorted(readers)
-    return shared
-
-
-def _base_weight_of(layer: nn.Module) -> torch.Tensor:
-    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer.base_layer
-    return base.weight
-
-
 def _to_merge(layer: nn.Module, adapter_names: list[str] | None) -> list[str]:
     names = layer.active_adapters if adapter_names is None else adapter_names
     return [name for name in names if name in layer.miss_block and name not in layer.merged_adapters]
@@ -313,7 +266,7 @@ def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None) -> 
     try:
         for layer_name, layer in layers.items():
             failing = layer_name
-            weight = _base_weight_of(layer)
+            weight = base_weight_of(layer)
             untie = layer_name in shared and bool(_to_merge(layer, adapter_names))
             done.append((layer, weight.detach().to("cpu", copy=True), list(layer.merged_adapters), untie))
             if isinstance(layer, MissLinear):
@@ -327,7 +280,7 @@ def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None) -> 
         with torch.no_grad():
             for layer, weight, merged, untied_here in done:
                 if not (untied_here and retie_base_weight(layer)):
-                    _base_weight_of(layer).copy_(weight)
+                    base_weight_of(layer).copy_(weight)
                 layer.merged_adapters[:] = merged
         if isinstance(error, ValueError):
             raise ValueError(f"layer {failing!r}: {error}; no layer was merged") from None
@@ -337,7 +290,7 @@ def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None) -> 
 def _log_untied(layers: dict[str, nn.Module], shared: dict[str, list[str]], adapter_names: list[str] | None) -> None:
     for name, layer in layers.items():
         if name in shared and _to_merge(layer, adapter_names):
-            weight = _base_weight_of(layer)
+            weight = base_weight_of(layer)
             logger.warning(
                 "layer %r: its weight %s is read by %s; merging into the layer's own copy (%.1f MB more) so "
                 "the others keep theirs; unmerge_adapters re-ties them", name, tuple(weight.shape),

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import copy
 import sys
+from collections import defaultdict
 from typing import Any
 
+import torch
 from torch import nn
 
-from .layer import MissLinear, carry_untied_weight
+from .layer import MissLinear, carry_untied_weight, has_untied_weight
 from .saved_modules import SavedModule, from_peft_wrapper, saved_module_wrappers
 
-__all__ = ["peft_tuner", "is_miss_layer", "adapter_variant", "named_miss_layers", "model_root", "from_peft"]
+__all__ = ["peft_tuner", "is_miss_layer", "adapter_variant", "named_miss_layers", "model_root", "from_peft",
+           "shared_base_weights", "base_weight_of"]
 
 
 def _peft() -> Any:
@@ -63,6 +66,60 @@ def named_miss_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in model_root(model).named_modules() if is_miss_layer(module)}
 
 
+# --- base weights that other modules read too (tied output heads): merges must not write them
+
+
+def _memory(tensor: torch.Tensor) -> tuple[tuple, int, int] | None:
+    """(storage, first byte, end byte) of a tensor's memory; None where that cannot be told (meta,
+    sparse, quantized, DTensor...). Views of one flat buffer that do not overlap are not sharing."""
+    try:
+        pointer = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    if not pointer or tensor.numel() == 0:
+        return None
+    span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
+    start = tensor.storage_offset() * tensor.element_size()
+    return (tensor.device, pointer), start, start + span * tensor.element_size()
+
+
+def shared_base_weights(model: nn.Module) -> dict[str, list[str]]:
+    """MiSS layer name -> every parameter or buffer name that reads its base weight, for the layers
+    whose base weight some other module reads too: the same Parameter under two names (a tied
+    lm_head and input embedding) or another tensor over the same memory. Merging into such a
+    weight in place would change those modules as well."""
+    holders: dict[int, list[str]] = defaultdict(list)
+    tensors: dict[int, torch.Tensor] = {}
+    root = model_root(model)
+    for name, tensor in [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]:
+        holders[id(tensor)].append(name)
+        tensors[id(tensor)] = tensor
+    by_storage: dict[tuple, list[tuple[int, int, list[str]]]] = defaultdict(list)
+    for key, tensor in tensors.items():
+        memory = _memory(tensor)
+        if memory is not None:
+            by_storage[memory[0]].append((memory[1], memory[2], holders[key]))
+    shared: dict[str, list[str]] = {}
+    for layer_name, layer in named_miss_layers(model).items():
+        weight = base_weight_of(layer)
+        readers = set(holders[id(weight)])
+        memory = _memory(weight)
+        if memory is not None:
+            storage, start, end = memory
+            for other_start, other_end, names in by_storage[storage]:
+                if other_start < end and start < other_end:
+                    readers.update(names)
+        if len(readers) > 1:
+            shared[layer_name] = sorted(readers)
+    return shared
+
+
+def base_weight_of(layer: nn.Module) -> torch.Tensor:
+    """The base layer's weight Parameter, ours or PEFT's (GPT-2 Conv1D: as stored, [in, out])."""
+    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer.base_layer
+    return base.weight
+
+
 def from_peft(model: nn.Module) -> nn.Module:
     """A copy of a PEFT MiSS model as the plain model with our MissLinear layers (same blocks,
     variants, dropout, active adapters and merge state) and our SavedModule for PEFT's
@@ -88,6 +145,11 @@ def from_peft(model: nn.Module) -> nn.Module:
         layer.train(peft_layer.training)
         parent_name, _, child_name = name.rpartition(".")
         setattr(converted.get_submodule(parent_name), child_name, layer)
+    # A direct MissLinear.merge() on the copy must not write into a weight another module reads.
+    shared = shared_base_weights(converted)
+    for name, layer in named_miss_layers(converted).items():
+        if isinstance(layer, MissLinear):
+            layer.base_weight_shared = name in shared or has_untied_weight(layer)
     for name, wrapper in saved_module_wrappers(converted).items():
         if not isinstance(wrapper, SavedModule):
             parent_name, _, child_name = name.rpartition(".")

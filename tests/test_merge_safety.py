@@ -20,8 +20,7 @@ from miss_compile import (
     save_adapter,
     unmerge_adapters,
 )
-from miss_compile.inject import shared_base_weights
-from miss_compile.peft_compat import from_peft, named_miss_layers
+from miss_compile.peft_compat import from_peft, named_miss_layers, shared_base_weights
 
 TOLERANCE = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2}}
 
@@ -149,6 +148,20 @@ def test_a_peft_model_merged_tied_then_converted_reties_bit_for_bit():
     unmerge_adapters(ours)
     assert ours.lm_head.base_weight() is ours.model.embed_tokens.weight
     assert torch.equal(ours.model.embed_tokens.weight, embedding_weight(base, "llama"))
+
+
+def test_a_converted_peft_copy_merged_layer_by_layer_leaves_the_tied_embedding():
+    """from_peft marks the copy's shared weights, so MissLinear.merge() called directly unties too."""
+    base, _ = tied_pair("llama")
+    config = MissConfig(r=3, init="random", target_modules=["lm_head", "q_proj"])
+    theirs = peft.get_peft_model(copy.deepcopy(base), config.to_peft())
+    randomize_blocks(theirs)
+    ours = from_peft(theirs)
+    ids = input_ids()
+    expected = model_output(ours, ids)
+    ours.lm_head.merge()
+    assert torch.equal(ours.model.embed_tokens.weight, embedding_weight(base, "llama"))
+    torch.testing.assert_close(model_output(ours, ids), expected, **TOLERANCE[torch.float32])
 
 
 class TwoReaders(nn.Module):
