@@ -141,9 +141,10 @@ def _warn_unless_parameters_are_constants(backend: Callable) -> None:
 
 
 def _frozen_parameters(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
-    """(what, tensor) for the parameters freezing makes constants: those that merged layers fold
-    first (named by layer), then every other parameter the graph reads through get_attr. Graph inputs
-    (placeholders) are read on every call; buffers may be written by the model itself (caches)."""
+    """(what, tensor) for the tensors freezing makes constants: those that merged layers fold first
+    (named by layer), then every other parameter or buffer the graph reads through get_attr (freezing
+    folds unmutated buffers too: a stack, a mask). Graph inputs (placeholders) are read on every call;
+    a graph that writes a buffer itself is no false alarm, since the check records after each call."""
     frozen: dict[int, tuple[str, torch.Tensor]] = {}
     graphs = [module for module in gm.modules() if isinstance(module, fx.GraphModule)]  # with HOP bodies
     for module in graphs:
@@ -157,8 +158,9 @@ def _frozen_parameters(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
     for module in graphs:
         for node in module.graph.find_nodes(op="get_attr"):
             tensor = _attribute(module, node.target)
-            if isinstance(tensor, nn.Parameter):
-                what = f"parameter {_readable(node.target)} {tuple(tensor.shape)}"
+            if isinstance(tensor, torch.Tensor):
+                kind = "parameter" if isinstance(tensor, nn.Parameter) else "buffer"
+                what = f"{kind} {_readable(node.target)} {tuple(tensor.shape)}"
                 frozen.setdefault(id(tensor), (what, tensor))
     return list(frozen.values())
 

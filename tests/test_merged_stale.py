@@ -158,3 +158,25 @@ def test_merged_graphs_with_several_inputs_and_shapes_serve_and_check():
     ids = input_ids(3, 9)  # a shape and a signature the dynamic graph already serves
     with pytest.raises(RuntimeError, match=r"changed in place"), torch.no_grad():
         compiled(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+
+
+def test_in_place_change_of_a_frozen_buffer_raises():
+    """Freezing folds buffers the graph does not write as constants too: a changed buffer must raise."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 4)
+            self.register_buffer("scale", torch.ones(4))
+
+        def forward(self, x):
+            return self.proj(x) * self.scale
+
+    model = apply_miss(Scaled().eval(), MissConfig(r=2, init="random", target_modules=["proj"])).requires_grad_(False)
+    compiled = torch.compile(model, backend=make_backend(merge=True))
+    x = torch.randn(3, 8)
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        torch.testing.assert_close(compiled(x), model(x))
+        model.scale.mul_(2)
+        with pytest.raises(RuntimeError, match=r"buffer scale \(4,\) .*changed in place"):
+            compiled(x)
