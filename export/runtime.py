@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
@@ -101,7 +102,6 @@ class AdapterFile:
 
     path: str
     parameters: dict[str, torch.Tensor]
-    missing: list[str]  # graph blocks the file does not hold: they run with the graph's exported values
 
 
 @dataclass
@@ -113,7 +113,7 @@ class _Cached:
 class MissSession:
     """An InferenceSession with torch I/O, IO binding on CUDA, and checked, cached adapter files."""
 
-    def __init__(self, session: ort.InferenceSession, io_binding: bool = False) -> None:
+    def __init__(self, session: ort.InferenceSession, io_binding: bool = False, stack_rows: int | None = None) -> None:
         self.session = session
         self.io_binding = io_binding
         self.device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
@@ -124,6 +124,8 @@ class MissSession:
         self.input_types = {i.name: i.type for i in [*session.get_inputs(), *session.get_overridable_initializers()]}
         self._overridable = {i.name: (tuple(i.shape), i.type) for i in session.get_overridable_initializers()}
         self._adapters: dict[str, _Cached] = {}
+        # Rows of the exported stacks (n adapters + the zero block); the graph's first dim is symbolic.
+        self._stack_rows = stack_rows
         self._adapters_lock = threading.Lock()  # one session serves many threads
 
     def load_adapter(self, path: str | os.PathLike, partial: bool = False) -> AdapterFile:
@@ -159,19 +161,19 @@ class MissSession:
         if problems:
             raise ValueError(f"adapter file {key} does not fit this graph:\n  " + "\n  ".join(problems))
         parameters = {name: torch.from_numpy(array).to(self.device) for name, array in arrays.items()}
-        missing = sorted(set(self._overridable) - set(parameters))
         logger.info("read adapter file %s (%d of %d blocks)", key, len(parameters), len(self._overridable))
-        return _Cached(before, AdapterFile(key, parameters, missing))
+        return _Cached(before, AdapterFile(key, parameters))
 
     def _check_coverage(self, adapter: AdapterFile, partial: bool) -> None:
-        if adapter.missing and any(name.endswith(STACK_SUFFIX) for name in adapter.parameters):
+        # Against this session's graph (an AdapterFile may come from another session's load_adapter).
+        missing = sorted(set(self._overridable) - set(adapter.parameters))
+        if missing and any(name.endswith(STACK_SUFFIX) for name in adapter.parameters):
             raise ValueError(
                 f"adapter file {adapter.path} holds stacks for {len(adapter.parameters)} of the graph's "
-                f"{len(self._overridable)} overridable inputs (missing {adapter.missing[0]!r}, ...): id k would pick "
+                f"{len(self._overridable)} overridable inputs (missing {missing[0]!r}, ...): id k would pick "
                 "the file's k-th adapter in some layers and the export's in others, partial or not. Write every "
                 "layer's stack with write_onnx_stack(model, path, model_path=<this graph>)")
-        if adapter.missing and not partial:
-            missing = adapter.missing
+        if missing and not partial:
             shown = ", ".join(repr(name) for name in missing[:3]) + (", ..." if len(missing) > 3 else "")
             raise ValueError(
                 f"adapter file {adapter.path} covers {len(self._overridable) - len(missing)} of the graph's "
@@ -193,20 +195,30 @@ class MissSession:
             raise ValueError(f"unknown inputs {unknown}; the graph takes {self.input_names} "
                              f"and {len(self.overridable_names)} overridable blocks")
         inputs = {name: self._as_graph_dtype(name, value) for name, value in inputs.items()}
-        ids = inputs.get("adapter_ids")
-        if ids is not None and ids.numel() and int(ids.min()) < -1:
-            # Gather would take -2 as the last real adapter; only -1 (NO_ADAPTER, the zero block) is meant.
-            raise ValueError(f"adapter_ids {ids.tolist()}: ids run from 0 to the number of stacked adapters - 1, "
-                             "and -1 means no adapter; build them with miss_compile.adapter_ids_for")
         options = ort.RunOptions()
         if isinstance(adapter, ort.LoraAdapter):
             options.add_active_adapter(adapter)
         elif adapter is not None:
             inputs = self._with_adapter(inputs, adapter, partial)
+        self._check_ids(inputs)
         if self.device == "cuda" or self.io_binding:
             return self._run_bound(inputs, options)
         feeds = {name: value.detach().cpu().numpy() for name, value in inputs.items()}
         return [torch.from_numpy(np.asarray(out)) for out in self.session.run(None, feeds, options)]
+
+    def _check_ids(self, inputs: Mapping[str, torch.Tensor]) -> None:
+        """Ids from -1 to n - 1 for the n adapters of the stacks this run uses: Gather would take -2 as
+        the last real adapter and n as the zero block (the base output, silently)."""
+        ids = inputs.get("adapter_ids")
+        if ids is None or not ids.numel():
+            return
+        fed = [value.shape[0] for name, value in inputs.items() if name.endswith(STACK_SUFFIX)]
+        rows = min(fed) if fed else self._stack_rows
+        low, high = (int(v) for v in ids.aminmax())
+        if low < -1 or (rows is not None and high >= rows - 1):
+            adapters = "the number of stacked adapters" if rows is None else f"{rows - 1} (the stacked adapters)"
+            raise ValueError(f"adapter_ids {ids.tolist()}: ids run from 0 to {adapters} - 1, and -1 means no "
+                             "adapter; build them with miss_compile.adapter_ids_for for the stack this run uses")
 
     def _with_adapter(self, inputs: dict[str, torch.Tensor], adapter: str | os.PathLike | AdapterFile,
                       partial: bool) -> dict[str, torch.Tensor]:
@@ -283,4 +295,13 @@ def load_session(
     session = ort.InferenceSession(str(path), options, providers=providers)
     if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
         _warn_cpu_fallback("the CUDA provider did not load (no GPU, or CUDA/cuDNN libraries missing)")
-    return MissSession(session, io_binding=bool(io_binding))
+    return MissSession(session, io_binding=bool(io_binding), stack_rows=_stack_rows(path, session))
+
+
+def _stack_rows(path: Path, session: ort.InferenceSession) -> int | None:
+    """Rows of the graph's default stacks (read from the file: the session shows a symbolic dim)."""
+    if not any(i.name.endswith(STACK_SUFFIX) for i in session.get_overridable_initializers()):
+        return None
+    graph = onnx.load(str(path), load_external_data=False).graph
+    rows = [tensor.dims[0] for tensor in graph.initializer if tensor.name.endswith(STACK_SUFFIX)]
+    return min(rows) if rows else None

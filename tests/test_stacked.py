@@ -306,6 +306,9 @@ def test_onnx_mixed_batch_equals_rows_with_dynamic_batch(stacked, stacked_export
     torch.testing.assert_close(single, expected[:1], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match=r"adapter_ids \[-2\]: ids run from 0 .* and -1 means no adapter"):
         session.run({"input_ids": ids[:1], "adapter_ids": torch.tensor([-2])})
+    n = len(model.miss_stack_names)  # id n is Gather's last row, the zero block: the base output, silently
+    with pytest.raises(ValueError, match=rf"adapter_ids \[{n}\]: ids run from 0 to {n} \(the stacked adapters\) - 1"):
+        session.run({"input_ids": ids[:1], "adapter_ids": torch.tensor([n])})
 
 
 @pytest.mark.slow
