@@ -462,6 +462,8 @@ def _rewrite_bodies(graph: fx.Graph, node: fx.Node, merge: bool, report: PassRep
         if arg.op != "get_attr":
             continue
         body = _attribute(owner, arg.target)
+        if isinstance(body, torch.Tensor):
+            continue  # a parameter or buffer the body reads (freezing makes them attributes): data
         if not isinstance(body, fx.GraphModule):
             report.skipped.append((node.name, f"{node.target.name()} runs {arg.target}, which the pass cannot read"))
             continue

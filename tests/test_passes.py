@@ -251,6 +251,18 @@ def test_torch_checkpoint_regions_are_rewritten(use_reentrant, merge):
     assert [(item.layer, item.merged) for item in report.rewritten] == [("proj", merge)] and not report.skipped
 
 
+def test_frozen_tensors_a_checkpoint_body_reads_are_not_reported_as_regions():
+    """Traced under freezing, parameters reach a checkpoint body as get_attr tensors: data, not bodies."""
+    torch.manual_seed(0)
+    model = Checkpointed(use_reentrant=False).requires_grad_(False)
+    x = torch.randn(2, 3, 12)
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        report = explain(model, x, merge=True)
+        torch.testing.assert_close(torch.compile(model, backend=make_backend(merge=True))(x), model(x))
+    assert [(item.layer, item.merged) for item in report.rewritten] == [("proj", True)]
+    assert not report.skipped, report.skipped
+
+
 def test_unreadable_higher_order_body_is_reported():
     """A region the pass cannot enter is named in the report, never silently counted as nothing."""
     root = nn.Module()
