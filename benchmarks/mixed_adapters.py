@@ -14,7 +14,6 @@ import onnxruntime
 import torch
 from torch import nn
 
-from export import export_onnx, load_session
 from miss_compile import (
     adapter_ids_for,
     apply_miss,
@@ -23,6 +22,7 @@ from miss_compile import (
     set_active_adapters,
     stack_adapters,
 )
+from miss_compile.export import export_onnx, load_session
 from miss_compile.peft_compat import named_miss_layers
 from miss_compile.timing import interleaved_ms
 

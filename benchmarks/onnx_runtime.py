@@ -8,7 +8,7 @@ from pathlib import Path
 import onnxruntime
 import torch
 
-from export import export_onnx, load_session
+from miss_compile.export import export_onnx, load_session
 from miss_compile.timing import interleaved_ms
 
 from .models import SEVEN_PROJECTIONS, peft_miss

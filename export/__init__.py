@@ -1,4 +1,4 @@
-"""export: merged and unmerged ONNX of MiSS models, run on onnxruntime."""
+"""miss_compile.export: merged and unmerged ONNX of MiSS models, run on onnxruntime."""
 
 from .adapters import write_onnx_adapter, write_onnx_stack
 from .onnx import ExportResult, export_onnx

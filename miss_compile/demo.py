@@ -100,7 +100,7 @@ def _onnx_rows(adapted: torch.nn.Module, input_ids: torch.Tensor, expected: torc
     """Merged and unmerged ONNX on onnxruntime: errors against the reference, interleaved timings."""
     import onnxruntime
 
-    from export import export_onnx, load_session  # the exporter is a separate package
+    from miss_compile.export import export_onnx, load_session  # installed from the export/ folder
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as folder:

@@ -17,8 +17,8 @@ import torch
 from small_models import TwoLinears
 from torch import nn
 
-from export import export_onnx
 from miss_compile import MissConfig, apply_miss, load_adapter, merge_adapters, save_adapter
+from miss_compile.export import export_onnx
 from miss_compile.peft_compat import named_miss_layers
 
 CONFIG = MissConfig(r=4, target_modules=["up", "down"])

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import build, clone, input_ids, model_output, randomize_blocks
 
-from export import export_onnx, load_session, write_onnx_adapter
-from export.onnx import BLOCK_MARKER
 from miss_compile import MissConfig, apply_miss, save_adapter
+from miss_compile.export import export_onnx, load_session, write_onnx_adapter
+from miss_compile.export.onnx import BLOCK_MARKER
 
 pytestmark = pytest.mark.slow
 
@@ -173,7 +173,7 @@ def test_fp16_export_parity(tmp_path):
 
 
 def test_cuda_request_without_cuda_warns_once_and_runs_on_cpu(exports):
-    import export.runtime as runtime
+    import miss_compile.export.runtime as runtime
 
     _, result = exports[0]["balance", False]
     if "CUDAExecutionProvider" in runtime.ort.get_available_providers() and torch.cuda.is_available():
@@ -211,7 +211,7 @@ def test_cli_end_to_end_on_saved_folders(tmp_path, capsys, unmerged):
     theirs = peft.get_peft_model(clone(base), CONFIGS["bat"].to_peft())
     randomize_blocks(theirs)
     theirs.save_pretrained(tmp_path / "adapter")
-    from export.cli import main
+    from miss_compile.export.cli import main
 
     out = tmp_path / "out" / "model.onnx"
     argv = [str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "-o", str(out)]

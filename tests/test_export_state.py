@@ -12,8 +12,8 @@ from conftest import build, input_ids, model_output, randomize_blocks
 from onnx import numpy_helper
 from test_merge_safety import TIED, embedding_weight, head, tied_pair
 
-from export import export_onnx, load_session
 from miss_compile import MissConfig, merge_adapters
+from miss_compile.export import export_onnx, load_session
 
 pytestmark = pytest.mark.slow
 

@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from small_models import OneLinear
 from torch import nn
 
-from export import export_onnx, load_session
 from miss_compile import MissConfig, apply_miss, make_backend, merge_adapters, reference, unmerge_adapters
+from miss_compile.export import export_onnx, load_session
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 ONNX_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2}  # export.validate's limits

@@ -11,8 +11,8 @@ import transformers
 from conftest import DECODER, VOCAB, build, input_ids, model_output, randomize_blocks
 from safetensors.torch import load_file
 
-from export.cli import main
 from miss_compile import MissConfig, apply_miss, save_adapter, set_active_adapters, to_lora
+from miss_compile.export.cli import main
 from miss_compile.lora import lora_factors
 from miss_compile.reference import chunk_sum, expand_block
 

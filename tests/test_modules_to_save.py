@@ -188,7 +188,7 @@ def test_compiled_classifier_matches_eager(kind):
 @pytest.mark.parametrize("merged", [True, False], ids=["merged", "unmerged"])
 @pytest.mark.parametrize("name", list(CLASSIFIERS))
 def test_export_keeps_the_trained_head(tmp_path, name, merged):
-    from export import export_onnx, load_session
+    from miss_compile.export import export_onnx, load_session
 
     _, theirs = peft_classifier(name)
     result = export_onnx(theirs, kwargs={"input_ids": input_ids()}, path=tmp_path / "m.onnx", merged=merged)
@@ -321,7 +321,7 @@ def test_stack_adapters_refuses_a_model_with_heads():
 
 def test_onnx_adapter_file_refuses_an_adapter_with_heads(tmp_path):
     """A graph keeps heads as plain weights: a file of blocks alone would run the exported head."""
-    from export import write_onnx_adapter
+    from miss_compile.export import write_onnx_adapter
 
     _, ours = our_classifier("llama")
     with pytest.raises(ValueError, match=r"trains whole modules too \(modules_to_save: .*score.*export one graph"):

@@ -8,8 +8,8 @@ import torch
 from small_models import OneLinear, TwoLinears
 from torch import nn
 
-from export import export_onnx, load_session, write_onnx_adapter
 from miss_compile import MissConfig, apply_miss, miss_backend
+from miss_compile.export import export_onnx, load_session, write_onnx_adapter
 from miss_compile.peft_compat import named_miss_layers
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,7 @@ import pytest
 import torch
 from small_models import TwoLinears
 
-import export.runtime as runtime
-from export import export_onnx, load_session, write_onnx_adapter, write_onnx_stack
+import miss_compile.export.runtime as runtime
 from miss_compile import (
     MissConfig,
     adapter_ids_for,
@@ -21,6 +20,7 @@ from miss_compile import (
     set_active_adapters,
     stack_adapters,
 )
+from miss_compile.export import export_onnx, load_session, write_onnx_adapter, write_onnx_stack
 from miss_compile.peft_compat import named_miss_layers
 
 pytestmark = pytest.mark.slow  # each module exports once

@@ -10,7 +10,6 @@ from conftest import DECODER, build, clone, input_ids, mixed, model_output, rows
 from torch._inductor.utils import run_and_get_code
 from torch.testing import FileCheck
 
-from export import export_onnx, load_session, write_onnx_stack
 from miss_compile import (
     NO_ADAPTER,
     MissConfig,
@@ -21,6 +20,7 @@ from miss_compile import (
     set_active_adapters,
     stack_adapters,
 )
+from miss_compile.export import export_onnx, load_session, write_onnx_stack
 from miss_compile.ops import stacked_linear
 from miss_compile.peft_compat import named_miss_layers
 from miss_compile.stacked import stack_blocks
