@@ -4,15 +4,13 @@ per table group, interleaved runs, medians, ratios to the limit, and the targets
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
-from miss_compile.files import stage_beside
+from miss_compile.files import write_text_atomically
 
 from . import compile_time, layer, onnx_runtime, report, training
 from .machine import describe
@@ -62,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch._dynamo.config.patch(limits):
         lines = _run(args)
     if args.out:
-        _write_atomically(args.out, "\n".join(lines))
+        write_text_atomically(args.out, "\n".join(lines))
     return 0
 
 
@@ -91,15 +89,6 @@ def _run(args: argparse.Namespace) -> list[str]:
     print(text, flush=True)
     lines.append(text)
     return lines
-
-
-def _write_atomically(path: str, text: str) -> None:
-    staged = stage_beside(Path(path).absolute())
-    try:
-        staged.write_text(text)
-        os.replace(staged, path)
-    finally:
-        staged.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

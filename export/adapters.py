@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from miss_compile.checkpoint import read_adapter
-from miss_compile.files import stage_beside
+from miss_compile.files import write_atomically
 from miss_compile.peft_compat import model_root, named_miss_layers
 from miss_compile.saved_modules import saved_tensors
 from miss_compile.stacked import refresh_stacks, stacked_layers
@@ -187,11 +187,5 @@ def _write(parameters: dict[str, torch.Tensor], path: str | os.PathLike, model_p
     adapter_format.set_model_version(1)
     adapter_format.set_parameters(values)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staged = stage_beside(path)
-    try:
-        adapter_format.export_adapter(str(staged))
-        os.replace(staged, path)
-    finally:
-        Path(staged).unlink(missing_ok=True)
+    write_atomically({path: adapter_format.export_adapter})
     return path

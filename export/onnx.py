@@ -16,8 +16,6 @@ import contextlib
 import inspect
 import logging
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -30,6 +28,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
+from miss_compile.files import write_files_atomically
 from miss_compile.inject import merge_adapters
 from miss_compile.peft_compat import from_peft, named_miss_layers
 from miss_compile.stacked import refresh_stacks
@@ -183,12 +182,10 @@ def _check_writable(path: Path) -> None:
 
 def _save_atomically(program: Any, path: Path, external_data: bool,
                      check: Callable[[Path], None] | None = None) -> None:
-    """Write into a temp folder beside `path`, check the staged file, then move it into place: a
-    failure (validation included) leaves no partial file and any earlier file at `path` as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        staged = staging / path.name
+    """Check the staged file, then move it into place: a failure (validation included) leaves no
+    partial file and any earlier file at `path` as it was."""
+
+    def write(staged: Path) -> None:
         program.model.ir_version = IR_VERSION
         program.save(staged, external_data=external_data)
         proto = onnx.load(str(staged), load_external_data=False)
@@ -197,12 +194,8 @@ def _save_atomically(program: Any, path: Path, external_data: bool,
         onnx.checker.check_model(str(staged))
         if check is not None:
             check(staged)
-        data_files = [p for p in staging.iterdir() if p != staged]
-        for data_file in data_files:
-            os.replace(data_file, path.parent / data_file.name)
-        os.replace(staged, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    write_files_atomically(path, write)
 
 
 def export_onnx(

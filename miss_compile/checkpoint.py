@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import pickle
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from torch import nn
 
 from .adapter_settings import check_consistent
 from .config import MissConfig
-from .files import stage_beside
+from .files import write_atomically
 from .inject import apply_miss
 from .modules_to_save import wrap_modules_to_save
 from .peft_compat import adapter_variant, model_root, named_miss_layers, peft_tuner
@@ -40,7 +39,6 @@ __all__ = [
     "config_of",
     "check_blocks",
     "check_saved_modules",
-    "atomic_write",
     "writable_folder",
 ]
 
@@ -101,24 +99,6 @@ def modules_to_save_of(model: nn.Module, adapter_name: str) -> list[str] | None:
     return names or None
 
 
-def atomic_write(files: dict[Path, Callable[[str], object]]) -> None:
-    """Write every file to a temp file beside it first, then move them all into place: a failed
-    write (full disk, bad permissions, a block that cannot be serialized) changes no file."""
-    staged: dict[Path, str] = {}
-    try:
-        for path, write in files.items():
-            tmp = str(stage_beside(path))
-            staged[path] = tmp
-            mode = os.stat(tmp).st_mode
-            write(tmp)
-            os.chmod(tmp, mode)  # safetensors writes its file 0o600 whatever the umask
-        for path, tmp in staged.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in staged.values():
-            Path(tmp).unlink(missing_ok=True)
-
-
 def writable_folder(directory: Path) -> Path:
     """`directory`, created if need be; a clear error when it cannot hold the adapter's files."""
     if directory.exists() and not directory.is_dir():
@@ -164,7 +144,7 @@ def write_adapter(
     tensors = {_key(name): block.detach().cpu().contiguous() for name, block in blocks.items()}
     tensors.update({KEY_PREFIX + key: value.detach().cpu().contiguous() for key, value in (saved or {}).items()})
     peft_config = config.to_peft_dict()
-    atomic_write({
+    write_atomically({
         directory / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
         directory / CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(peft_config, indent=2) + "\n"),
     })

@@ -30,12 +30,12 @@ from .checkpoint import (
     CONFIG_NAME,
     KEY_PREFIX,
     WEIGHTS_NAME,
-    atomic_write,
     layers_with,
     modules_to_save_of,
     read_checkpoint,
     writable_folder,
 )
+from .files import write_atomically
 from .layer import base_features
 from .peft_compat import is_miss_layer, model_root, named_miss_layers, peft_tuner
 from .saved_modules import saved_tensors
@@ -114,7 +114,7 @@ def to_lora(
         adapters = [_read_folder(Path(source), name, base) for name in names]
     tensors, config = _convert(adapters, uniform_rank)
     directory = writable_folder(Path(out_dir))
-    atomic_write({
+    write_atomically({
         directory / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
         directory / CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"),
     })

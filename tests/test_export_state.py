@@ -95,7 +95,7 @@ def test_merged_export_is_validated_against_the_adapters_as_they_run(tmp_path, m
             layer.base_layer.weight.copy_(merged)  # the shared Parameter: the embedding changes too
         layer.merged_adapters.append("default")
 
-    monkeypatch.setattr("export.onnx.merge_adapters", damaging_merge)
+    monkeypatch.setattr("miss_compile.export.onnx.merge_adapters", damaging_merge)
     with pytest.raises(ValueError, match=r"differs from torch"):
         export_onnx(ours, kwargs={"input_ids": input_ids()}, path=tmp_path / "model.onnx", merged=True)
     assert not (tmp_path / "model.onnx").exists()
