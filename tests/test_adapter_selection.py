@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import DECODER, clone, input_ids, mixed, model_output, rows_alone
+from helpers import DECODER, clone, input_ids, mixed, model_output, rows_alone
 
 from miss_compile import (
     MissConfig,

@@ -8,8 +8,8 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import DECODER, clone, copy_blocks, input_ids, model_output, randomize_blocks
-from test_ops import BAT_CASES, LINEAR_CASES, make_case, run_op
+from cases import BAT_CASES, LINEAR_CASES
+from helpers import DECODER, clone, copy_blocks, input_ids, make_case, model_output, randomize_blocks, run_op
 from torch._inductor.utils import run_and_get_code
 
 from miss_compile import MissConfig, apply_miss, make_backend, reference

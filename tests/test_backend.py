@@ -11,7 +11,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import build, clone, copy_blocks, input_ids, model_output, randomize_blocks
+from helpers import build, clone, copy_blocks, input_ids, model_output, randomize_blocks
 from torch import nn
 from torch._dynamo.utils import counters
 from torch._inductor.utils import fresh_cache, run_and_get_code

@@ -5,7 +5,7 @@ import json
 import peft
 import pytest
 import torch
-from conftest import build, clone, input_ids, model_output, randomize_blocks
+from helpers import build, clone, input_ids, model_output, randomize_blocks
 from safetensors.torch import load_file, save_file
 
 from miss_compile import MissConfig, apply_miss, load_adapter, save_adapter

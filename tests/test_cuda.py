@@ -3,7 +3,7 @@
 import peft
 import pytest
 import torch
-from conftest import build, clone, copy_blocks, input_ids, model_output, randomize_blocks
+from helpers import build, clone, copy_blocks, input_ids, model_output, randomize_blocks
 
 from miss_compile import MissConfig, apply_miss, make_backend
 from miss_compile.peft_compat import named_miss_layers

@@ -13,8 +13,8 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import build, model_output
 from distributed_worker import STEPS, eval_ids, phases
+from helpers import build, model_output
 from train_distributed import TrainConfig, build_base, train  # examples/: on sys.path by distributed_worker
 
 from miss_compile import MissConfig, apply_miss, read_adapter, save_adapter

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import peft
 import pytest
 import torch
-from conftest import build, clone, input_ids, model_output, randomize_blocks
+from helpers import build, clone, input_ids, model_output, randomize_blocks
 
 from miss_compile import MissConfig, apply_miss, save_adapter
 from miss_compile.export import export_onnx, load_session, write_onnx_adapter

@@ -8,9 +8,9 @@ import onnx
 import peft
 import pytest
 import torch
-from conftest import build, input_ids, model_output, randomize_blocks
+from cases import TIED
+from helpers import build, embedding_weight, head, input_ids, model_output, randomize_blocks, tied_pair
 from onnx import numpy_helper
-from test_merge_safety import TIED, embedding_weight, head, tied_pair
 
 from miss_compile import MissConfig, merge_adapters
 from miss_compile.export import export_onnx, load_session

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import peft
 import pytest
 import torch
-from conftest import clone
+from helpers import clone
 from hypothesis import strategies as st
 from small_models import OneLinear
 from torch import nn

@@ -3,7 +3,7 @@
 import peft
 import pytest
 import torch
-from conftest import clone, copy_blocks, randomize_blocks
+from helpers import clone, copy_blocks, randomize_blocks
 from torch import nn
 
 from miss_compile import MissConfig, apply_miss, merge_adapters, unmerge_adapters

@@ -10,7 +10,7 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
-from test_passes import LINEARS, compile_pass_only, count
+from helpers import LINEARS, compile_pass_only, count
 from torch import nn
 
 from miss_compile import make_backend

@@ -8,7 +8,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import DECODER, VOCAB, build, input_ids, model_output, randomize_blocks
+from helpers import DECODER, VOCAB, build, input_ids, model_output, randomize_blocks
 from safetensors.torch import load_file
 
 from miss_compile import MissConfig, apply_miss, save_adapter, set_active_adapters, to_lora

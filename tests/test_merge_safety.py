@@ -8,7 +8,8 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import DECODER, VOCAB, input_ids, model_output, randomize_blocks
+from cases import TIED, TIED_VARIANTS
+from helpers import DECODER, embedding_weight, head, input_ids, model_output, randomize_blocks, tied_pair
 from torch import nn
 
 from miss_compile import (
@@ -25,49 +26,8 @@ from miss_compile.peft_compat import from_peft, named_miss_layers, shared_base_w
 TOLERANCE = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2}}
 
 
-def tied_llama() -> nn.Module:
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER, tie_word_embeddings=True))
-
-
-def tied_gpt2() -> nn.Module:  # GPT-2 ties lm_head to wte by default; its other layers are Conv1D
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    return transformers.GPT2LMHeadModel(config)
-
-
-# (model, embedding path, targets): an explicit target list selects the head ("all-linear" leaves it out).
-TIED = {
-    "llama": (tied_llama, "model.embed_tokens", ["lm_head", "q_proj"]),
-    "gpt2": (tied_gpt2, "transformer.wte", ["lm_head", "c_attn"]),
-}
-VARIANTS = {
-    "balance": dict(r=3, init="random"),
-    "mini": dict(r=4, variant="mini", mini_r=8),
-    "bat": dict(r=8, variant="bat"),
-}
-
-
-def tied_pair(model_name, variant="balance", dtype=torch.float32):
-    """(base, ours) with non-zero blocks; the base's head and embedding are one Parameter."""
-    builder, embedding, targets = TIED[model_name]
-    torch.manual_seed(0)
-    base = builder().to(dtype).eval()
-    assert base.get_output_embeddings().weight is base.get_submodule(embedding).weight
-    ours = apply_miss(copy.deepcopy(base), MissConfig(target_modules=targets, **VARIANTS[variant]))
-    randomize_blocks(ours)
-    return base, ours
-
-
-def embedding_weight(model, model_name):
-    root = model.base_model.model if isinstance(model, peft.PeftModel) else model
-    return root.get_submodule(TIED[model_name][1]).weight
-
-
-def head(model):
-    return named_miss_layers(model)["lm_head"]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(TIED_VARIANTS))
 @pytest.mark.parametrize("model_name", list(TIED))
 def test_merge_leaves_a_tied_embedding_bit_identical_and_unmerge_reties(model_name, variant, dtype):
     base, ours = tied_pair(model_name, variant, dtype)
@@ -257,7 +217,7 @@ def test_save_and_load_after_a_tied_merge():
 def peft_pair(variant):
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER)).eval()
-    config = MissConfig(target_modules="all-linear", **VARIANTS[variant])
+    config = MissConfig(target_modules="all-linear", **TIED_VARIANTS[variant])
     ours = apply_miss(copy.deepcopy(base), config)
     randomize_blocks(ours)
     theirs = peft.get_peft_model(copy.deepcopy(base), config.to_peft())
@@ -266,7 +226,7 @@ def peft_pair(variant):
     return base, ours, theirs.eval()
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(TIED_VARIANTS))
 def test_merge_while_disabled_gives_the_base_output_then_the_adapted_one_as_peft(variant):
     base, ours, theirs = peft_pair(variant)
     ids = input_ids()

@@ -4,7 +4,7 @@ afterwards (load_adapter, copy_ under no_grad) must raise with the fix, never se
 import peft
 import pytest
 import torch
-from conftest import build, clone, input_ids, model_output, randomize_blocks
+from helpers import build, clone, input_ids, model_output, randomize_blocks
 
 from miss_compile import MissConfig, apply_miss, load_adapter, make_backend, save_adapter
 from miss_compile.backend import _frozen_parameters, _FrozenCheck

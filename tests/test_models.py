@@ -3,7 +3,7 @@
 import peft
 import pytest
 import torch
-from conftest import build, clone, copy_blocks, input_ids, model_output, randomize_blocks
+from helpers import build, clone, copy_blocks, input_ids, model_output, randomize_blocks
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 

@@ -7,7 +7,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import DECODER, VOCAB, clone, input_ids, randomize_blocks
+from helpers import DECODER, VOCAB, clone, input_ids, randomize_blocks
 from safetensors.torch import load_file, save_file
 
 from miss_compile import MissConfig, apply_miss, load_adapter, save_adapter

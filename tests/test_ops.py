@@ -2,38 +2,10 @@
 
 import pytest
 import torch
+from cases import BAT_CASES, LINEAR_CASES
+from helpers import make_case, run_op
 
 from miss_compile import ops, reference
-
-
-def make_case(case, dtype=torch.float32, block_dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    in_features, out_features, shapes, variants, lead, with_bias = case
-    x = torch.randn(*lead, in_features).to(dtype).requires_grad_()
-    weight = torch.randn(out_features, in_features).to(dtype)
-    bias = torch.randn(out_features).to(dtype) if with_bias else None
-    blocks = [(torch.randn(shape) * 0.1).to(block_dtype).requires_grad_() for shape in shapes]
-    return x, weight, bias, blocks, variants
-
-
-LINEAR_CASES = {
-    "balance": (16, 12, [(4, 12)], ["balance"], (5,), True),
-    "balance-padded": (13, 12, [(4, 12)], ["balance"], (2, 3), True),
-    "mini": (16, 12, [(4, 3)], ["mini"], (2, 3), False),
-    "two-adapters": (13, 12, [(4, 12), (3, 6)], ["balance", "mini"], (2, 3), True),
-    "r1-single-token": (7, 5, [(1, 5)], ["balance"], (1, 1), True),
-}
-BAT_CASES = {
-    "bat": (16, 12, [(3, 4, 4)], ["bat"], (2, 3), True),
-    "bat-two": (8, 12, [(3, 4, 4), (6, 2, 2)], ["bat", "bat"], (5,), False),
-}
-
-
-def run_op(x, weight, bias, blocks, variants):
-    if variants[0] == "bat":
-        return ops.bat_linear(x, weight, bias, blocks)
-    adapter_inputs = [x.to(block.dtype) for block in blocks]
-    return ops.miss_linear(x, adapter_inputs, weight, bias, blocks)
 
 
 @pytest.mark.parametrize("name", list(LINEAR_CASES) + list(BAT_CASES))

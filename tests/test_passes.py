@@ -3,7 +3,17 @@
 import peft
 import pytest
 import torch
-from conftest import build, clone, copy_blocks, input_ids, model_output, randomize_blocks
+from helpers import (
+    LINEARS,
+    build,
+    clone,
+    compile_pass_only,
+    copy_blocks,
+    count,
+    input_ids,
+    model_output,
+    randomize_blocks,
+)
 from torch import nn
 
 from miss_compile import MissConfig, apply_miss, explain, make_backend, passes
@@ -16,25 +26,6 @@ CONFIGS = {
     "mini": MissConfig(r=3, variant="mini", mini_r=8, target_modules="all-linear"),
     "bat": MissConfig(r=8, variant="bat", target_modules="all-linear"),
 }
-
-
-def compile_pass_only(model, dynamic=False, fullgraph=True):
-    reports, graphs = [], []
-    inner = pass_only_backend(reports)
-
-    def backend(gm, example_inputs):
-        compiled = inner(gm, example_inputs)
-        graphs.append(gm.graph)
-        return compiled
-
-    return torch.compile(model, backend=backend, fullgraph=fullgraph, dynamic=dynamic), reports, graphs
-
-
-def count(graph, targets):
-    return sum(1 for node in graph.nodes if node.op == "call_function" and node.target in targets)
-
-
-LINEARS = (torch.nn.functional.linear, torch._C._nn.linear)
 
 
 def adapted_pair(model_name, variant, dtype=torch.float32):

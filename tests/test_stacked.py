@@ -6,7 +6,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import DECODER, build, clone, input_ids, mixed, model_output, rows_alone
+from helpers import DECODER, build, clone, input_ids, mixed, model_output, rows_alone
 from torch._inductor.utils import run_and_get_code
 from torch.testing import FileCheck
 
