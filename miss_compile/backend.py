@@ -2,6 +2,7 @@
 
     compiled = torch.compile(model, backend=miss_backend)            # or backend="miss"
     compiled = torch.compile(model, backend=make_backend(merge=True))  # frozen adapters folded into W
+    compiled = torch.compile(model, backend="miss", mode="max-autotune")  # modes and options as Inductor's
 
 The backend rewrites the Dynamo graph (and the bodies of its higher-order ops) before handing it to
 Inductor, so every compile reports what it did, and the pass runs once per graph. Inductor's FX
@@ -29,14 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch._inductor.compile_fx import compile_fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from . import lowering, ops, passes, reference  # noqa: F401  (lowering and ops register with torch)
+from .pass_forms import is_call
 from .passes import PassReport, rewrite_miss_linears
 
-__all__ = ["miss_backend", "make_backend", "MissGraphPass", "source_files"]
+__all__ = ["miss_backend", "make_backend", "inductor_options", "MissGraphPass", "source_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,28 +96,81 @@ class _CacheKey(CustomGraphPass):
         return self.graph_pass.uuid()
 
 
+def inductor_options(mode: str | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Inductor config patches for torch.compile's `mode` and `options`, mapped and checked as stock
+    Inductor does (torch._inductor.list_mode_options; an unknown mode or option raises RuntimeError)."""
+    if options and "pre_grad_custom_pass" in {key.replace("-", "_") for key in options}:
+        raise ValueError(
+            "miss_backend: options={'pre_grad_custom_pass': ...} would replace the slot the backend uses for "
+            "its cache key (the MiSS pass runs before Inductor). Run your own pass as a post_grad_custom_pre_pass "
+            "or post_grad_custom_post_pass instead."
+        )
+    if mode is not None and options is not None:  # torch.compile refuses the pair before us; a direct call too
+        raise RuntimeError("Either mode or options can be specified, but both can't be specified at the same time.")
+    return dict(torch._TorchCompileInductorWrapper(mode, options, dynamic=None).config)
+
+
+def _warn_if_not_adapted(report: PassReport, gm: fx.GraphModule, warned: set[tuple]) -> None:
+    """WARNING, once per layer (or per graph) until torch.compiler.reset(), when the pass left MiSS
+    layers untouched or found none in a graph of Linears; a full rewrite and a graph without Linears
+    (a fragment after a graph break) stay quiet."""
+    untouched = [(layer, why) for layer, why in report.skipped if ("untouched", layer, why) not in warned]
+    if untouched:
+        warned.update(("untouched", layer, why) for layer, why in untouched)
+        named = "; ".join(f"{layer} ({why})" for layer, why in untouched[:3])
+        more = f"; and {len(untouched) - 3} more" if len(untouched) > 3 else ""
+        logger.warning(
+            "miss_backend: %d MiSS layer(s) left untouched (they run as they are, under plain Inductor: right "
+            "numbers, not the fast path): %s%s. miss_compile.explain(model, *inputs) lists every layer with its "
+            "reason.", len(untouched), named, more)
+    if report.rewritten or report.skipped:
+        return
+    graphs = [module.graph for module in gm.modules() if isinstance(module, fx.GraphModule)]  # with HOP bodies
+    linears = sorted({passes.layer_name(node) for graph in graphs for node in graph.nodes if _is_linear(node)})
+    if linears and ("none", tuple(linears)) not in warned:
+        warned.add(("none", tuple(linears)))
+        logger.warning(
+            "miss_backend: no MiSS layer among the %d Linear layer(s) of this graph (%s%s): it compiles as plain "
+            "Inductor. A model without MiSS adapters, or with them disabled or merged, has none; "
+            "miss_compile.explain(model, *inputs) shows what the pass saw.",
+            len(linears), ", ".join(linears[:3]), ", ..." if len(linears) > 3 else "")
+
+
+def _is_linear(node: fx.Node) -> bool:
+    return is_call(node, (F.linear, torch._C._nn.linear))
+
+
 def make_backend(merge: bool = False, config_patches: dict[str, Any] | None = None) -> Callable:
     """A torch.compile backend. merge=True folds frozen adapters into W and turns on Inductor's
     freezing, so inference costs the base model; blocks (and every parameter) are then compile-time
     constants: after an in-place change the compiled model raises until recompiled
     (torch.compiler.reset()). Freezing must also be on while Dynamo traces (it decides there whether
     parameters are constants): run the first call under `torch.no_grad()` and
-    `torch._inductor.config.patch(freezing=True)`; the backend warns when that was not the case."""
+    `torch._inductor.config.patch(freezing=True)`; the backend warns when that was not the case.
+
+    torch.compile's `mode` and `options` apply as for stock Inductor, over `config_patches`."""
     graph_pass = MissGraphPass(merge=merge)
     patches = {"pre_grad_custom_pass": _CacheKey(graph_pass)}
     if merge:
         patches["freezing"] = True
     patches.update(config_patches or {})
 
-    def backend(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Callable:
+    warned: set[tuple] = set()  # what _warn_if_not_adapted said since the last torch.compiler.reset()
+
+    def backend(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *, mode: str | None = None,
+                options: dict[str, Any] | None = None) -> Callable:
+        # torch.compile(..., mode=, options=) reach a custom backend as these keywords (when not default).
+        all_patches = {**patches, **inductor_options(mode, options)}
         report = graph_pass.rewrite(gm)
+        _warn_if_not_adapted(report, gm, warned)
         if merge and any(item.merged for item in report.rewritten):
             _warn_unless_parameters_are_constants(backend)
-        frozen = _frozen_parameters(gm) if patches.get("freezing") else []
-        compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        frozen = _frozen_parameters(gm) if all_patches.get("freezing") else []
+        compiled = compile_fx(gm, example_inputs, config_patches=all_patches)
         return _checked(compiled, _FrozenCheck(frozen)) if frozen else compiled
 
     backend.graph_pass = graph_pass  # reports of every graph compiled, for tests and explain()
+    backend.reset = warned.clear  # torch.compiler.reset() calls it: a fresh start warns again
     backend.__name__ = "miss_backend" if not merge else "miss_backend_merged"
     return backend
 

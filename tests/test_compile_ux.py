@@ -1,0 +1,174 @@
+"""torch.compile as users call it: every mode and options= pass through to Inductor, and a compile that
+adapts nothing (or leaves MiSS layers untouched) says so once at WARNING, while a full rewrite is quiet."""
+
+import logging
+
+import peft
+import pytest
+import torch
+from small_models import TwoLinears
+from torch import nn
+
+import miss_compile.backend
+from miss_compile import make_backend, miss_backend
+from miss_compile.backend import inductor_options
+from miss_compile.peft_compat import named_miss_layers
+
+MODES = list(torch._inductor.list_mode_options())  # default, lite, reduce-overhead, max-autotune-no-cudagraphs, ...
+
+
+def peft_two_linears(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(TwoLinears(), peft.MissConfig(r=4, target_modules=["up", "down"]))
+    with torch.no_grad():
+        for layer in named_miss_layers(model).values():
+            layer.miss_block["default"].copy_(torch.randn_like(layer.miss_block["default"]) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture
+def seen_patches(monkeypatch):
+    """The config patches every graph reached Inductor with."""
+    seen = []
+    compile_fx = miss_compile.backend.compile_fx
+
+    def recording(gm, example_inputs, config_patches):
+        seen.append(dict(config_patches))
+        return compile_fx(gm, example_inputs, config_patches=config_patches)
+
+    monkeypatch.setattr(miss_compile.backend, "compile_fx", recording)
+    return seen
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_compiles_with_the_pass_and_matches_eager(mode, seen_patches):
+    model = peft_two_linears()
+    x = torch.randn(3, 5, 12)
+    before = len(miss_backend.graph_pass.reports)
+    compiled = torch.compile(model, backend="miss", mode=mode)
+    with torch.no_grad():
+        expected, got = model(x), compiled(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    reports = miss_backend.graph_pass.reports[before:]
+    assert [len(report.rewritten) for report in reports] == [2]  # both Linears became miss ops
+    for key, value in torch._inductor.list_mode_options(mode).items():
+        assert seen_patches[-1][key] == value, (mode, key)
+    assert "pre_grad_custom_pass" in seen_patches[-1]  # the cache key is still ours
+
+
+def test_options_reach_inductor_and_override_config_patches(seen_patches):
+    model = peft_two_linears()
+    x = torch.randn(4, 12)
+    backend = make_backend(config_patches={"epilogue_fusion": True, "max_autotune_gemm": False})
+    compiled = torch.compile(model, backend=backend, options={"epilogue-fusion": False, "size_asserts": False})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    patches = seen_patches[-1]
+    assert patches["epilogue_fusion"] is False and patches["size_asserts"] is False
+    assert patches["max_autotune_gemm"] is False  # make_backend's own patches stay where options say nothing
+    assert len(backend.graph_pass.reports[-1].rewritten) == 2
+
+
+def test_merged_backend_takes_a_mode_and_folds():
+    model = peft_two_linears().requires_grad_(False)
+    x = torch.randn(4, 12)
+    backend = make_backend(merge=True)
+    compiled = torch.compile(model, backend=backend, mode="max-autotune-no-cudagraphs")
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    assert [item.merged for item in backend.graph_pass.reports[-1].rewritten] == [True, True]
+
+
+def test_unknown_modes_and_options_are_refused_as_inductor_refuses_them():
+    with pytest.raises(RuntimeError, match="Unrecognized mode=fastest"):
+        inductor_options(mode="fastest")
+    with pytest.raises(RuntimeError, match="Unexpected optimization option no_such_option"):
+        inductor_options(options={"no_such_option": 1})
+    with pytest.raises(ValueError, match="pre_grad_custom_pass.*post_grad_custom_pre_pass"):
+        inductor_options(options={"pre_grad_custom_pass": None})
+    assert inductor_options() == {} and inductor_options(mode="default") == {}
+    assert inductor_options(mode="reduce-overhead") == {"triton.cudagraphs": True}
+    compiled = torch.compile(peft_two_linears(), backend="miss", options={"no_such_option": 1})
+    with pytest.raises(Exception, match="no_such_option"):  # Dynamo wraps the backend's error
+        compiled(torch.randn(2, 12))
+
+
+# --- saying when the pass did not adapt
+
+
+def _warnings(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records
+            if record.levelno >= logging.WARNING and record.name.startswith("miss_compile")]
+
+
+def test_a_full_rewrite_is_quiet(caplog):
+    model = peft_two_linears()
+    with caplog.at_level(logging.INFO, logger="miss_compile"), torch.no_grad():
+        torch.compile(model, backend=make_backend())(torch.randn(2, 12))
+    assert _warnings(caplog) == []
+    assert any("2 MiSS Linear(s) as miss ops" in record.getMessage() for record in caplog.records)  # INFO
+
+
+def test_a_model_without_miss_layers_warns_once(caplog):
+    torch.manual_seed(0)
+    model = TwoLinears().eval()
+    compiled = torch.compile(model, backend=make_backend(), dynamic=False)
+    with caplog.at_level(logging.WARNING, logger="miss_compile"), torch.no_grad():
+        for batch in (2, 3, 4):  # a recompile per shape: still one warning
+            x = torch.randn(batch, 12)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    messages = _warnings(caplog)
+    assert len(messages) == 1, messages
+    assert "no MiSS layer among the 2 Linear layer(s)" in messages[0]
+    assert "down, up" in messages[0] and "miss_compile.explain(model, *inputs)" in messages[0]
+
+
+def test_a_graph_without_linears_is_quiet(caplog):
+    with caplog.at_level(logging.WARNING, logger="miss_compile"):
+        torch.compile(lambda x: torch.relu(x) * 2, backend=make_backend())(torch.randn(3))
+    assert _warnings(caplog) == []
+
+
+def test_disabled_adapters_warn_once_then_reset_warns_again(caplog):
+    model = peft_two_linears()
+    backend = make_backend()
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(2, 12)
+    with caplog.at_level(logging.WARNING, logger="miss_compile"), torch.no_grad():
+        compiled(x)
+        assert _warnings(caplog) == []
+        with model.disable_adapter():
+            torch.testing.assert_close(compiled(x), model.get_base_model()(x), rtol=1e-5, atol=1e-6)
+        assert len(_warnings(caplog)) == 1 and "disabled" in _warnings(caplog)[0]
+        torch.compiler.reset()  # a fresh start: the same graph warns again
+        with model.disable_adapter():
+            compiled(x)
+    assert len(_warnings(caplog)) == 2
+
+
+class _ScaledBranch(nn.Module):
+    """A MiSS-looking adapter branch the pass must refuse: the chunk sum scaled by 2 before the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = nn.Linear(12, 8)
+        self.block = nn.Parameter(torch.randn(4, 8) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x.reshape(*x.shape[:-1], 3, 4).sum(-2) * 2) @ self.block
+
+
+def test_untouched_layers_warn_once_naming_count_and_explain(caplog):
+    model = _ScaledBranch().eval()
+    backend = make_backend()
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    with caplog.at_level(logging.WARNING, logger="miss_compile"), torch.no_grad():
+        for batch in (2, 3):
+            x = torch.randn(batch, 12)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    skipped = backend.graph_pass.reports[-1].skipped
+    assert skipped, "the branch should look like an adapter and be refused"
+    messages = _warnings(caplog)
+    assert len(messages) == 1, messages
+    assert messages[0].startswith(f"miss_backend: {len(skipped)} MiSS layer(s) left untouched")
+    assert skipped[0][1] in messages[0] and "miss_compile.explain(model, *inputs)" in messages[0]
