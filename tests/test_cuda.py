@@ -47,3 +47,23 @@ def test_fp32_inference_matches_tightly():
     with torch.no_grad():
         out = model_output(torch.compile(ours, backend=make_backend(), fullgraph=True), ids)
         torch.testing.assert_close(out, model_output(ours, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_reduce_overhead_replays_cuda_graphs_with_the_pass(merge):
+    from torch._dynamo.utils import counters
+
+    base = build("llama").cuda()
+    ours = apply_miss(clone(base), CONFIGS["balance"]).requires_grad_(not merge)
+    randomize_blocks(ours)
+    backend = make_backend(merge=merge)
+    compiled = torch.compile(ours, backend=backend, mode="reduce-overhead", fullgraph=True)
+    counters.clear()
+    with torch.no_grad(), torch._inductor.config.patch(freezing=merge):
+        for seed in (1, 2, 3, 4):  # warm-up, record, then replays: each with new inputs
+            ids = input_ids(seed=seed).cuda()
+            out = model_output(compiled, ids).clone()  # a replay overwrites the previous output
+            torch.testing.assert_close(out, model_output(ours, ids), atol=1e-4, rtol=1e-4)
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    rewritten = backend.graph_pass.reports[0].rewritten
+    assert len(rewritten) == 14 and all(item.merged == merge for item in rewritten)
