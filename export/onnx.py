@@ -31,7 +31,7 @@ from torch import nn
 from miss_compile.files import write_files_atomically
 from miss_compile.inject import merge_adapters
 from miss_compile.peft_compat import from_peft, named_miss_layers
-from miss_compile.stacked import refresh_stacks
+from miss_compile.stacked import has_stacks, refresh_stacks
 
 from .functions import group_into_functions
 from .translation import OPSET, TRANSLATIONS
@@ -154,7 +154,7 @@ def _named_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]
 def _take_adapter_ids(prepared: nn.Module, inputs: dict[str, Any]) -> None:
     """Give `prepared` (a copy) a forward whose signature names every input, adapter_ids included,
     so torch.export makes adapter_ids a graph input; the stacking pre-hook pops it before forward."""
-    if not getattr(prepared, "_miss_stack_hook", False):
+    if not has_stacks(prepared):
         raise ValueError(f"adapter_ids given, but {type(prepared).__name__} has no adapter stacks; "
                          "call miss_compile.stack_adapters(model) before export_onnx")
     model_forward = type(prepared).forward

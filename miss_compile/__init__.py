@@ -1,16 +1,12 @@
-"""miss_compile: MiSS adapters (PEFT-compatible) made fast and deployable."""
+"""miss_compile: MiSS adapters (PEFT-compatible) made fast and deployable.
+
+The verbs a user calls are here; the rest lives in its module: distributed training in
+`miss_compile.distributed`, the layer in `miss_compile.layer`, the pass's report in
+`miss_compile.passes`, the exporter in `miss_compile.export` (ARCHITECTURE.md maps the modules)."""
 
 from .backend import make_backend, miss_backend
 from .checkpoint import load_adapter, read_adapter, save_adapter
 from .config import MissConfig
-from .distributed import (
-    gather_adapter,
-    load_adapter_sharded,
-    save_adapter_distributed,
-    shard_fsdp2,
-    trainable_blocks,
-    wrap_ddp,
-)
 from .explain import explain
 from .inject import (
     adapters_disabled,
@@ -20,14 +16,11 @@ from .inject import (
     set_active_adapters,
     unmerge_adapters,
 )
-from .layer import MissLinear
 from .lora import to_lora
-from .passes import PassReport
 from .stacked import NO_ADAPTER, adapter_ids_for, stack_adapters
 
 __all__ = [
     "MissConfig",
-    "MissLinear",
     "apply_miss",
     "load_adapter",
     "read_adapter",
@@ -40,13 +33,6 @@ __all__ = [
     "miss_backend",
     "make_backend",
     "explain",
-    "PassReport",
-    "wrap_ddp",
-    "shard_fsdp2",
-    "trainable_blocks",
-    "gather_adapter",
-    "save_adapter_distributed",
-    "load_adapter_sharded",
     "stack_adapters",
     "adapter_ids_for",
     "NO_ADAPTER",

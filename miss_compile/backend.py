@@ -39,7 +39,8 @@ from . import lowering, ops, passes, reference  # noqa: F401  (lowering and ops 
 from .pass_forms import is_call
 from .passes import PassReport, rewrite_miss_linears
 
-__all__ = ["miss_backend", "make_backend", "inductor_options", "MissGraphPass", "source_files"]
+__all__ = ["miss_backend", "make_backend", "inductor_options", "MissGraphPass", "source_files", "frozen_parameters",
+           "FrozenCheck"]
 
 logger = logging.getLogger(__name__)
 
@@ -165,9 +166,9 @@ def make_backend(merge: bool = False, config_patches: dict[str, Any] | None = No
         _warn_if_not_adapted(report, gm, warned)
         if merge and any(item.merged for item in report.rewritten):
             _warn_unless_parameters_are_constants(backend)
-        frozen = _frozen_parameters(gm) if all_patches.get("freezing") else []
+        frozen = frozen_parameters(gm) if all_patches.get("freezing") else []
         compiled = compile_fx(gm, example_inputs, config_patches=all_patches)
-        return _checked(compiled, _FrozenCheck(frozen)) if frozen else compiled
+        return _checked(compiled, FrozenCheck(frozen)) if frozen else compiled
 
     backend.graph_pass = graph_pass  # reports of every graph compiled, for tests and explain()
     backend.reset = warned.clear  # torch.compiler.reset() calls it: a fresh start warns again
@@ -196,7 +197,7 @@ def _warn_unless_parameters_are_constants(backend: Callable) -> None:
 # --- frozen constants: never serve stale ones
 
 
-def _frozen_parameters(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
+def frozen_parameters(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
     """(what, tensor) for the tensors freezing makes constants: those that merged layers fold first
     (named by layer), then every other parameter or buffer the graph reads through get_attr (freezing
     folds unmutated buffers too: a stack, a mask). Graph inputs (placeholders) are read on every call;
@@ -264,7 +265,7 @@ def _readable(name: str) -> str:
     return re.sub(r"__+", ".", name).strip("._")
 
 
-class _FrozenCheck:
+class FrozenCheck:
     """Version counter and storage of every frozen parameter; a list compare per call.
 
     Compared with what they were when the graph last returned, not when it was compiled: a graph may
@@ -299,7 +300,7 @@ class _FrozenCheck:
         )
 
 
-def _checked(compiled: Callable, check: _FrozenCheck) -> Callable:
+def _checked(compiled: Callable, check: FrozenCheck) -> Callable:
     """`compiled`, with `check` before every call. Arguments pass through as they come: Inductor's
     result may carry a `_boxed_call` attribute copied by functools.wraps from a boxed inner function
     while itself taking *args (Dynamo calls it so), so its calling convention is not ours to guess."""

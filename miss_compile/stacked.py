@@ -44,7 +44,7 @@ from .layer import MissLinear
 from .peft_compat import from_peft, named_miss_layers, peft_tuner
 from .saved_modules import refuse_per_row_selection
 
-__all__ = ["NO_ADAPTER", "stack_adapters", "stack_blocks", "adapter_ids_for", "stacked_layers",
+__all__ = ["NO_ADAPTER", "stack_adapters", "stack_blocks", "adapter_ids_for", "stacked_layers", "has_stacks",
            "enable_adapter_selection", "stale_stacks", "refresh_stacks"]
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,11 @@ def stacked_layers(model: nn.Module) -> list[MissLinear]:
     return [layer for layer in named_miss_layers(model).values() if _is_stacked(layer)]
 
 
+def has_stacks(model: nn.Module) -> bool:
+    """True once stack_adapters (or a selecting call) stacked `model`'s adapters: its forward takes adapter_ids."""
+    return bool(getattr(model, "_miss_stack_hook", False))
+
+
 def stack_adapters(model: nn.Module, adapter_names: Sequence[str] | None = None, rank: int | None = None) -> nn.Module:
     """Stack `adapter_names` (default: every adapter) on every MiSS layer, ids in that order, and
     let `model(..., adapter_names=[...])` / `model(..., adapter_ids=...)` pick one per batch row.
@@ -147,7 +152,7 @@ def _stack(model: nn.Module, adapter_names: Sequence[str] | None, rank: int | No
         layer.adapter_ids = None
     model.miss_stack_names = names
     model._miss_stacked_state = _stack_state(named_miss_layers(model))
-    model._miss_stack_hook = True  # export_onnx reads it: the model has stacks
+    model._miss_stack_hook = True  # has_stacks: export_onnx asks it
     _install_selection_hooks(model)
     logger.info("stacked adapters %s on %d layers", names, len(layers))
 

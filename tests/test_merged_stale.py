@@ -7,7 +7,7 @@ import torch
 from helpers import build, clone, input_ids, model_output, randomize_blocks
 
 from miss_compile import MissConfig, apply_miss, load_adapter, make_backend, save_adapter
-from miss_compile.backend import _frozen_parameters, _FrozenCheck
+from miss_compile.backend import FrozenCheck, frozen_parameters
 from miss_compile.peft_compat import named_miss_layers
 
 pytestmark = pytest.mark.slow
@@ -90,7 +90,7 @@ def test_unmerged_backend_needs_no_check():
 def test_version_counters_see_copy_under_no_grad_but_not_writes_into_data():
     """What the check relies on, and its documented limit: writes into `.data` bypass version counters."""
     block = torch.nn.Parameter(torch.zeros(3, 4), requires_grad=False)
-    check = _FrozenCheck([("the block", block)])
+    check = FrozenCheck([("the block", block)])
     block.data.copy_(torch.ones(3, 4))  # invisible to autograd's version counter
     check()
     with torch.no_grad():
@@ -113,7 +113,7 @@ def test_frozen_parameters_name_the_merged_layers_first():
 
     backend = make_backend(merge=True)
     merged_call(torch.compile(model, backend=capture), input_ids())
-    frozen = _frozen_parameters(graphs[0])
+    frozen = frozen_parameters(graphs[0])
     layers = named_miss_layers(model)
     merged = [what for what, _ in frozen if "merged layer" in what]
     assert len(merged) == 2 * len(layers)  # each layer's base weight and block

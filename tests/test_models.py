@@ -9,7 +9,6 @@ from transformers.pytorch_utils import Conv1D
 
 from miss_compile import (
     MissConfig,
-    MissLinear,
     adapters_disabled,
     apply_miss,
     merge_adapters,
@@ -17,6 +16,7 @@ from miss_compile import (
     set_active_adapters,
     unmerge_adapters,
 )
+from miss_compile.layer import MissLinear
 from miss_compile.peft_compat import named_miss_layers
 
 # Tiny dims: hidden 32, kv 16, intermediate 48; bat r=8 and mini_r=8 divide them all, r=3 divides none of 32.

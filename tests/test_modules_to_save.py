@@ -144,7 +144,7 @@ def test_live_peft_model_saves_its_head(tmp_path):
 
 
 def test_distributed_helpers_carry_the_head(tmp_path):
-    from miss_compile import load_adapter_sharded, save_adapter_distributed, trainable_blocks
+    from miss_compile.distributed import load_adapter_sharded, save_adapter_distributed, trainable_blocks
 
     base, theirs = peft_classifier("llama")
     assert len(trainable_blocks(theirs)) == 5  # four blocks and the head copy: DDP / FSDP2 reduce all of them
