@@ -181,6 +181,13 @@ class MissSession:
                 "exported with. Write the file with write_onnx_adapter(..., model_path=<this graph>) to check "
                 "coverage, or pass partial=True if the exported defaults are meant for them")
 
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20,
+                 **options: object) -> torch.Tensor:
+        """Greedy token ids [batch, prompt + new] on a graph from export_causal_lm (see export.generate)."""
+        from .generate import generate  # generate imports the exporter; a session alone does not need it
+
+        return generate(self, input_ids, attention_mask, max_new_tokens, **options)
+
     def run(
         self,
         inputs: Mapping[str, torch.Tensor],

@@ -1,0 +1,148 @@
+"""KV-cache exports (export_causal_lm) and session.generate against transformers' generate.
+
+Each (model, merged) graph is exported once (module-scoped). References: PEFT's MiSS model for
+Llama and Qwen2 (grouped kv heads: 4 heads, 2 kv heads), ours for GPT-2 (PEFT's MiSS does not adapt
+Conv1D); blocks are random, so the adapter changes the tokens.
+"""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+from helpers import VOCAB, build, randomize_blocks
+
+from miss_compile import MissConfig, apply_miss
+from miss_compile.export import export_causal_lm, load_session, write_onnx_adapter
+from miss_compile.export.causal_lm import past_name, present_name
+
+NEW_TOKENS = 24
+EOS, PAD = 2, 0
+EXPORTS = [(name, merged) for name in ("llama", "qwen2", "gpt2") for merged in (False, True)]
+
+
+def adapted(name: str, seed: int) -> torch.nn.Module:
+    """The tiny model with one MiSS adapter of random blocks (`seed`); the base weights are the same for every seed."""
+    if name == "gpt2":
+        model = apply_miss(build(name), MissConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"]))
+    else:
+        model = peft.get_peft_model(build(name), peft.MissConfig(r=4, target_modules="all-linear"))
+    randomize_blocks(model, seed=seed)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(name, merged) -> (graph path, the exported model, a second adapter's model); exported once each."""
+    cache: dict = {}
+
+    def get(name: str, merged: bool):
+        if (name, merged) not in cache:
+            model = adapted(name, seed=2)
+            path = tmp_path_factory.mktemp(f"{name}-{'merged' if merged else 'unmerged'}") / "model.onnx"
+            export_causal_lm(model, path, merged=merged)
+            cache[name, merged] = path, model, adapted(name, seed=3)
+        return cache[name, merged]
+
+    return get
+
+
+def prompts(lengths: list[int], seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask [len(lengths), max(lengths)], tokens from 3 up (not PAD or EOS)."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), PAD)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, width - length:] = torch.randint(3, VOCAB, (length,), generator=generator)
+        mask[row, width - length:] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def reference(model, ids, mask, **settings):
+    settings = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "pad_token_id": PAD, "eos_token_id": EOS, **settings}
+    return model.generate(input_ids=ids, attention_mask=mask, **settings)
+
+
+@pytest.mark.parametrize("name, merged", EXPORTS)
+def test_greedy_tokens_equal_transformers(exported, name, merged):
+    path, model, _ = exported(name, merged)
+    session = load_session(path, device="cpu")
+    for lengths in ([6], [7, 4, 2]):  # batch 1; a left-padded batch of 3 prompts of different lengths
+        ids, mask = prompts(lengths)
+        expected = reference(model, ids, mask)
+        assert expected.shape[1] == ids.shape[1] + NEW_TOKENS  # no early stop: all 24 tokens compared
+        got = session.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=EOS, pad_token_id=PAD)
+        assert torch.equal(got, expected), f"{name} merged={merged} prompts {lengths}:\n{got}\n{expected}"
+
+
+def test_eos_stops_each_row(exported):
+    """A row that produces eos is padded from then on; the others go on (transformers' rule)."""
+    path, model, _ = exported("llama", False)
+    session = load_session(path, device="cpu")
+    ids, mask = prompts([7, 4, 2])
+    free = reference(model, ids, mask, eos_token_id=None)
+    eos = int(free[0, ids.shape[1] + 3])  # row 0's 4th new token: row 0 stops there
+    expected = reference(model, ids, mask, eos_token_id=eos)
+    got = session.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=eos, pad_token_id=PAD)
+    assert (expected[0, ids.shape[1] + 4:] == PAD).all()
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2"])
+def test_swapped_adapter_gives_its_tokens(exported, name, tmp_path):
+    path, model, other = exported(name, False)
+    adapter = write_onnx_adapter(other, tmp_path / "other.onnx_adapter", model_path=path)
+    session = load_session(path, device="cpu")
+    ids, mask = prompts([7, 4, 2])
+    expected = reference(other, ids, mask)
+    assert not torch.equal(expected, reference(model, ids, mask))  # the adapters differ in their tokens
+    got = session.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=EOS, pad_token_id=PAD,
+                           adapter=adapter)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("name, merged", EXPORTS)
+@torch.no_grad()
+def test_step_logits_equal_torch(exported, name, merged):
+    """Prefill (past length 0, left-padded) and five decode steps (sequence length 1): each step's logits
+    against PyTorch's forward on the whole sequence without a cache, within 1e-4 (fp32)."""
+    path, model, _ = exported(name, merged)
+    session = load_session(path, device="cpu")
+    names = [i.name for i in session.session.get_inputs()]
+    layers = sum(name.startswith("past_key_values.") for name in names) // 2
+    _, kv_heads, _, head_dim = session.session.get_inputs()[names.index(past_name(0, "key"))].shape
+    ids, mask = prompts([7, 4, 2])
+    past = {past_name(i, kind): torch.zeros(3, kv_heads, 0, head_dim) for i in range(layers) for kind in ("key", "value")}
+    step_ids, tokens = ids, ids
+    for step in range(6):
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        feeds = {"input_ids": step_ids, "attention_mask": mask, **past}
+        if "position_ids" in names:
+            feeds["position_ids"] = positions[:, -step_ids.shape[1]:]
+        outputs = dict(zip(session.output_names, session.run(feeds), strict=True))
+        expected = model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        expected = expected[:, -step_ids.shape[1]:]
+        keep = mask[:, -step_ids.shape[1]:].bool()
+        error = (outputs["logits"] - expected)[keep].abs().max().item()
+        assert error < 1e-4, f"{name} merged={merged} step {step}: logits differ by {error:.3g}"
+        assert outputs[present_name(0, "key")].shape[2] == tokens.shape[1]
+        past = {past_name(i, kind): outputs[present_name(i, kind)] for i in range(layers) for kind in ("key", "value")}
+        step_ids = outputs["logits"][:, -1:].argmax(-1)
+        tokens = torch.cat([tokens, step_ids], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+
+
+def test_refuses_an_encoder_before_writing(tmp_path):
+    path = tmp_path / "bert.onnx"
+    with pytest.raises(ValueError, match=r"BertModel is not a decoder-only causal LM with a KV cache.*Llama, Qwen2"):
+        export_causal_lm(build("bert"), path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_sampling_is_refused_by_name(exported):
+    path, _, _ = exported("llama", True)
+    ids, mask = prompts([3])
+    with pytest.raises(NotImplementedError, match="greedy.*onnxruntime-genai"):
+        load_session(path, device="cpu").generate(ids, attention_mask=mask, do_sample=True)
