@@ -2,7 +2,8 @@
 
 from .adapters import write_onnx_adapter, write_onnx_stack
 from .causal_lm import export_causal_lm
+from .genai import GenaiFolder, export_genai_folder
 from .onnx import ExportResult, export_onnx
 from .runtime import MissSession, load_session
 
-__all__ = ["export_onnx", "export_causal_lm", "ExportResult", "write_onnx_adapter", "write_onnx_stack", "load_session", "MissSession"]
+__all__ = ["export_onnx", "export_causal_lm", "export_genai_folder", "GenaiFolder", "ExportResult", "write_onnx_adapter", "write_onnx_stack", "load_session", "MissSession"]
