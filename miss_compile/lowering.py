@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch._inductor.decomposition import register_decomposition
 
 from . import ops, reference
@@ -30,21 +31,16 @@ from . import ops, reference
 __all__ = ["miss_linear_decomposition", "bat_linear_decomposition", "stacked_linear_decomposition"]
 
 
-def _adapter_product(adapter_input: torch.Tensor, block: torch.Tensor, out_features: int) -> torch.Tensor:
+def _adapter_product(adapter_input: Tensor, block: Tensor, out_features: int) -> Tensor:
     product = ops.chunk_sum_for(adapter_input, block) @ block  # [..., out] or [..., mini_r]
-    if block.shape[1] != out_features:
+    if reference.block_variant(block.shape, out_features) == "mini":
         product = product.repeat(*([1] * (product.dim() - 1)), out_features // block.shape[1])
     return product
 
 
 @register_decomposition(torch.ops.miss.linear.default)
-def miss_linear_decomposition(
-    x: torch.Tensor,
-    adapter_inputs: list[torch.Tensor],
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    blocks: list[torch.Tensor],
-) -> torch.Tensor:
+def miss_linear_decomposition(x: Tensor, adapter_inputs: list[Tensor], weight: Tensor, bias: Tensor | None,
+                              blocks: list[Tensor]) -> Tensor:
     out_features = weight.shape[0]
     if all(ops.reads_x(x, adapter_inputs, weight, blocks)) and _folding_is_cheaper(x, weight, blocks):
         folded_t = _folded_weight_t(weight, blocks)
@@ -58,7 +54,7 @@ def miss_linear_decomposition(
     return _linear_plus(x, weight, bias, adapter)
 
 
-def _folded_weight_t(weight: torch.Tensor, blocks: list[torch.Tensor]) -> torch.Tensor:
+def _folded_weight_t(weight: Tensor, blocks: list[Tensor]) -> Tensor:
     """(W + dW).T, built in [in, out] layout with reference.fold_weight's rounding.
 
     The op's backward builds W + dW too. Built the same way, AOT's CSE would share one tensor
@@ -68,14 +64,14 @@ def _folded_weight_t(weight: torch.Tensor, blocks: list[torch.Tensor]) -> torch.
     out_features, in_features = weight.shape
     folded_t = weight.t()
     for block in blocks:
-        expanded = reference.expand_block(block, ops.block_variant(block, out_features), out_features)
+        expanded = reference.expand_block(block, reference.block_variant(block.shape, out_features), out_features)
         delta_t = expanded.repeat(-(-in_features // block.shape[0]), 1)[:in_features]  # row i is D[i % r]
-        dtype = torch.promote_types(torch.float32, weight.dtype)
+        dtype = reference.accumulate_dtype(weight.dtype, block.dtype)
         folded_t = (folded_t.to(dtype) + delta_t.to(dtype)).to(weight.dtype)
     return folded_t
 
 
-def _folding_is_cheaper(x: torch.Tensor, weight: torch.Tensor, blocks: list[torch.Tensor]) -> bool:
+def _folding_is_cheaper(x: Tensor, weight: Tensor, blocks: list[Tensor]) -> bool:
     """W + dW costs one pass over W (in * out); S(x) @ D costs tokens * r * out multiply-adds.
 
     Many tokens (prefill, training) fold; few (decode) keep the small GEMM. Dynamic sizes are
@@ -92,7 +88,7 @@ def _hint(size: int | torch.SymInt) -> int | None:
     return int(size)
 
 
-def _linear_plus(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, adapter: torch.Tensor) -> torch.Tensor:
+def _linear_plus(x: Tensor, weight: Tensor, bias: Tensor | None, adapter: Tensor) -> Tensor:
     """x @ W.T + b + adapter, the adapter fed into the base GEMM when dtypes agree."""
     out_features, in_features = weight.shape
     if adapter.dtype != x.dtype or weight.dtype != x.dtype:
@@ -103,20 +99,10 @@ def _linear_plus(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 @register_decomposition(torch.ops.miss.stacked_linear.default)
-def stacked_linear_decomposition(
-    x: torch.Tensor,
-    adapter_ids: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    stack: torch.Tensor,
-) -> torch.Tensor:
+def stacked_linear_decomposition(x: Tensor, adapter_ids: Tensor, weight: Tensor, bias: Tensor | None,
+                                 stack: Tensor) -> Tensor:
     return _linear_plus(x, weight, bias, ops.stacked_product(x, adapter_ids, stack))
 
 
-@register_decomposition(torch.ops.miss.bat_linear.default)
-def bat_linear_decomposition(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, blocks: list[torch.Tensor]
-) -> torch.Tensor:
-    dtype = ops.compute_dtype(weight, blocks)
-    folded = ops.bat_folds(weight, blocks)[-1].to(dtype)
-    return F.linear(x.to(dtype), folded, None if bias is None else bias.to(dtype)).to(x.dtype)
+# The op's own forward: with freezing and frozen blocks Inductor folds it once at compile time.
+bat_linear_decomposition = register_decomposition(torch.ops.miss.bat_linear.default)(ops.bat_forward)

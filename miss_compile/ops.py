@@ -21,13 +21,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from . import reference
 
-__all__ = ["miss_linear", "bat_linear", "stacked_linear"]
+__all__ = ["miss_linear", "bat_linear", "stacked_linear", "bat_forward", "reads_x", "chunk_sum_for", "stacked_product"]
 
 
-def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def _check_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     torch._check(weight.dim() == 2, lambda: f"miss: weight must be [out, in], got {tuple(weight.shape)}")
     torch._check(
         x.shape[-1] == weight.shape[1],
@@ -39,8 +40,9 @@ def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     )
 
 
-def _check_chunk_blocks(x: torch.Tensor, adapter_inputs: list[torch.Tensor], weight: torch.Tensor,
-                        blocks: list[torch.Tensor]) -> None:
+def _check_miss_linear(x: Tensor, adapter_inputs: list[Tensor], weight: Tensor, bias: Tensor | None,
+                       blocks: list[Tensor]) -> None:
+    _check_linear(x, weight, bias)
     torch._check(len(adapter_inputs) == len(blocks), lambda: "miss.linear: one adapter input per block")
     out_features = weight.shape[0]
     for a, block in zip(adapter_inputs, blocks, strict=True):
@@ -56,8 +58,7 @@ def _check_chunk_blocks(x: torch.Tensor, adapter_inputs: list[torch.Tensor], wei
         )
 
 
-def reads_x(x: torch.Tensor, adapter_inputs: list[torch.Tensor], weight: torch.Tensor,
-            blocks: list[torch.Tensor]) -> list[bool]:
+def reads_x(x: Tensor, adapter_inputs: list[Tensor], weight: Tensor, blocks: list[Tensor]) -> list[bool]:
     """Which adapters read x itself (no dropout, no cast) with x's dtype everywhere.
 
     For those, x @ W.T + S(x) @ D is x @ (W + dW).T, and the gradient they send to x is folded
@@ -66,34 +67,24 @@ def reads_x(x: torch.Tensor, adapter_inputs: list[torch.Tensor], weight: torch.T
     return [a is x and block.dtype == weight.dtype == x.dtype for a, block in zip(adapter_inputs, blocks, strict=True)]
 
 
-def chunk_sum_for(adapter_input: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+def chunk_sum_for(adapter_input: Tensor, block: Tensor) -> Tensor:
     """S(a) in a's dtype, then in the block's: PEFT's matmul under autocast sums x in the adapter's
     dtype and casts the sum, not x, to the autocast dtype."""
     chunk_sum = reference.chunk_sum(adapter_input, block.shape[0])
     return chunk_sum if chunk_sum.dtype == block.dtype else chunk_sum.to(block.dtype)  # .to() would alias the sum
 
 
-def block_variant(block: torch.Tensor, out_features: int) -> str:
-    return "balance" if block.shape[1] == out_features else "mini"
-
-
-def _expanded(block: torch.Tensor, out_features: int) -> torch.Tensor:
-    return reference.expand_block(block, block_variant(block, out_features), out_features)
+def _expanded(block: Tensor, out_features: int) -> Tensor:
+    return reference.expand_block(block, reference.block_variant(block.shape, out_features), out_features)
 
 
 # --- miss::linear (balance, mini)
 
 
 @torch.library.custom_op("miss::linear", mutates_args=())
-def miss_linear(
-    x: torch.Tensor,
-    adapter_inputs: list[torch.Tensor],
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    blocks: list[torch.Tensor],
-) -> torch.Tensor:
-    _check_linear(x, weight, bias)
-    _check_chunk_blocks(x, adapter_inputs, weight, blocks)
+def miss_linear(x: Tensor, adapter_inputs: list[Tensor], weight: Tensor, bias: Tensor | None,
+                blocks: list[Tensor]) -> Tensor:
+    _check_miss_linear(x, adapter_inputs, weight, bias, blocks)
     result = F.linear(x, weight, bias)
     for a, block in zip(adapter_inputs, blocks, strict=True):
         result = result + chunk_sum_for(a, block) @ _expanded(block, weight.shape[0])
@@ -101,19 +92,12 @@ def miss_linear(
 
 
 @miss_linear.register_fake
-def _(
-    x: torch.Tensor,
-    adapter_inputs: list[torch.Tensor],
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    blocks: list[torch.Tensor],
-) -> torch.Tensor:
-    _check_linear(x, weight, bias)
-    _check_chunk_blocks(x, adapter_inputs, weight, blocks)
+def _(x: Tensor, adapter_inputs: list[Tensor], weight: Tensor, bias: Tensor | None, blocks: list[Tensor]) -> Tensor:
+    _check_miss_linear(x, adapter_inputs, weight, bias, blocks)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _linear_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+def _linear_setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
     x, adapter_inputs, weight, bias, blocks = inputs
     chunk_sums = [
         chunk_sum_for(a, block) if block.requires_grad else None
@@ -122,7 +106,6 @@ def _linear_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None
     ctx.adapter_widths = [a.shape[-1] for a in adapter_inputs]
     ctx.adapter_dtypes = [a.dtype for a in adapter_inputs]
     ctx.reads_x = reads_x(x, adapter_inputs, weight, blocks)
-    ctx.x_dtype = x.dtype
     ctx.has_bias = bias is not None
     # x itself is saved only if the base weight trains (not the MiSS case).
     saved_x = x if weight.requires_grad else None
@@ -131,26 +114,27 @@ def _linear_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None
     ctx.n_blocks = len(blocks)
 
 
-def _tile(grad_chunk_sum: torch.Tensor, width: int) -> torch.Tensor:
+def _tile(grad_chunk_sum: Tensor, width: int) -> Tensor:
     """Adjoint of the chunk sum: d a[..., i] = d S[..., i % r], for a of `width` features."""
     r = grad_chunk_sum.shape[-1]
     repeats = -(-width // r)
     return grad_chunk_sum.repeat(*([1] * (grad_chunk_sum.dim() - 1)), repeats)[..., :width]
 
 
-def _fold_mini(grad_expanded: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+def _fold_mini(grad_expanded: Tensor, block: Tensor) -> Tensor:
     r, mini_r = block.shape
     return grad_expanded.reshape(r, -1, mini_r).sum(1)
 
 
-def _linear_backward(ctx: Any, grad: torch.Tensor) -> tuple:
+def _linear_backward(ctx: Any, grad: Tensor) -> tuple:
     saved_x, weight, *rest = ctx.saved_tensors
     blocks, sums = rest[: ctx.n_blocks], iter(rest[ctx.n_blocks :])
     out_features = weight.shape[0]
     grad_x = None
     if ctx.needs_input_grad[0]:
         folded = [block for block, reads in zip(blocks, ctx.reads_x, strict=True) if reads]
-        grad_weight_for_x = reference.fold_weight(weight, folded, [block_variant(b, out_features) for b in folded])
+        variants = [reference.block_variant(block.shape, out_features) for block in folded]
+        grad_weight_for_x = reference.fold_weight(weight, folded, variants)
         grad_x = grad @ grad_weight_for_x.to(grad.dtype)
     grad_weight = grad_bias = None
     if saved_x is not None:
@@ -161,7 +145,7 @@ def _linear_backward(ctx: Any, grad: torch.Tensor) -> tuple:
     for block, width, dtype, has_sum, folded_into_x in zip(blocks, ctx.adapter_widths, ctx.adapter_dtypes,
                                                            ctx.block_has_sum, ctx.reads_x, strict=True):
         expanded = _expanded(block, out_features)
-        grad_adapter = grad.to(torch.promote_types(grad.dtype, block.dtype))
+        grad_adapter = grad.to(reference.compute_dtype(grad.dtype, block.dtype))
         if folded_into_x and ctx.needs_input_grad[0]:
             grad_inputs.append(None)  # already in grad_x (the input is x itself)
         else:
@@ -171,7 +155,7 @@ def _linear_backward(ctx: Any, grad: torch.Tensor) -> tuple:
             grad_expanded = chunk_sum.reshape(-1, block.shape[0]).t().to(grad_adapter.dtype) @ grad_adapter.reshape(
                 -1, out_features
             )
-            if block.shape[1] != out_features:
+            if reference.block_variant(block.shape, out_features) == "mini":
                 grad_expanded = _fold_mini(grad_expanded, block)
             grad_blocks.append(grad_expanded.to(block.dtype))
         else:
@@ -185,7 +169,8 @@ miss_linear.register_autograd(_linear_backward, setup_context=_linear_setup_cont
 # --- miss::bat_linear
 
 
-def _check_bat_blocks(weight: torch.Tensor, blocks: list[torch.Tensor]) -> None:
+def _check_bat_linear(x: Tensor, weight: Tensor, bias: Tensor | None, blocks: list[Tensor]) -> None:
+    _check_linear(x, weight, bias)
     out_features, in_features = weight.shape
     for block in blocks:
         shape = tuple(block.shape)
@@ -198,38 +183,39 @@ def _check_bat_blocks(weight: torch.Tensor, blocks: list[torch.Tensor]) -> None:
         )
 
 
-def compute_dtype(weight: torch.Tensor, blocks: list[torch.Tensor]) -> torch.dtype:
-    dtype = weight.dtype
-    for block in blocks:
-        dtype = torch.promote_types(dtype, block.dtype)
-    return dtype
+def _dtypes(weight: Tensor, blocks: list[Tensor]) -> list[torch.dtype]:
+    return [weight.dtype, *[block.dtype for block in blocks]]
 
 
-def bat_folds(weight: torch.Tensor, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+def _bat_folds(weight: Tensor, blocks: list[Tensor]) -> list[Tensor]:
     """[W_0 = W, W_1, ..., W_n] in fp32 (or wider): W_k+1 = W_k + delta(W_k, D_k)."""
-    folds = [weight.to(torch.promote_types(compute_dtype(weight, blocks), torch.float32))]
+    folds = [weight.to(reference.accumulate_dtype(*_dtypes(weight, blocks)))]
     for block in blocks:
         folds.append(folds[-1] + reference.delta_weight(folds[-1], block, "bat"))
     return folds
 
 
-@torch.library.custom_op("miss::bat_linear", mutates_args=())
-def bat_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, blocks: list[torch.Tensor]) -> torch.Tensor:
-    _check_linear(x, weight, bias)
-    _check_bat_blocks(weight, blocks)
-    dtype = compute_dtype(weight, blocks)
-    folded = bat_folds(weight, blocks)[-1].to(dtype)
+def bat_forward(x: Tensor, weight: Tensor, bias: Tensor | None, blocks: list[Tensor]) -> Tensor:
+    """miss::bat_linear's forward, eager and as Inductor's decomposition (lowering.py): the blocks
+    folded into W in fp32 or wider, then one linear in the promoted dtype of W and the blocks."""
+    dtype = reference.compute_dtype(*_dtypes(weight, blocks))
+    folded = _bat_folds(weight, blocks)[-1].to(dtype)
     return F.linear(x.to(dtype), folded, None if bias is None else bias.to(dtype)).to(x.dtype)
 
 
+@torch.library.custom_op("miss::bat_linear", mutates_args=())
+def bat_linear(x: Tensor, weight: Tensor, bias: Tensor | None, blocks: list[Tensor]) -> Tensor:
+    _check_bat_linear(x, weight, bias, blocks)
+    return bat_forward(x, weight, bias, blocks)
+
+
 @bat_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, blocks: list[torch.Tensor]) -> torch.Tensor:
-    _check_linear(x, weight, bias)
-    _check_bat_blocks(weight, blocks)
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, blocks: list[Tensor]) -> Tensor:
+    _check_bat_linear(x, weight, bias, blocks)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _bat_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+def _bat_setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
     x, weight, bias, blocks = inputs
     ctx.has_bias = bias is not None
     ctx.x_dtype = x.dtype
@@ -238,11 +224,11 @@ def _bat_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
     ctx.save_for_backward(x, weight, *blocks)
 
 
-def _bat_backward(ctx: Any, grad: torch.Tensor) -> tuple:
+def _bat_backward(ctx: Any, grad: Tensor) -> tuple:
     x, weight, *blocks = ctx.saved_tensors
     out_features, in_features = weight.shape
-    dtype = compute_dtype(weight, blocks)
-    folds = bat_folds(weight, blocks)
+    dtype = reference.compute_dtype(*_dtypes(weight, blocks))
+    folds = _bat_folds(weight, blocks)
     grad_c = grad.to(dtype).reshape(-1, out_features)
     grad_x = None
     if ctx.needs_input_grad[0]:
@@ -252,7 +238,7 @@ def _bat_backward(ctx: Any, grad: torch.Tensor) -> tuple:
         return grad_x, None, grad_bias, [None] * len(blocks)
     # dL/dW_n, then back through W_k+1,pq = W_k,pq (I + D_p) + D_p for k = n-1 .. 0.
     grad_folded = grad_c.t().to(folds[-1].dtype) @ x.reshape(-1, in_features).to(folds[-1].dtype)
-    grad_blocks: list[torch.Tensor | None] = [None] * len(blocks)
+    grad_blocks: list[Tensor | None] = [None] * len(blocks)
     for k in reversed(range(len(blocks))):
         block = blocks[k]
         r = block.shape[-1]
@@ -274,7 +260,8 @@ bat_linear.register_autograd(_bat_backward, setup_context=_bat_setup_context)
 # --- miss::stacked_linear (many balance/mini adapters, one per batch row)
 
 
-def _check_stacked(x: torch.Tensor, adapter_ids: torch.Tensor, weight: torch.Tensor, stack: torch.Tensor) -> None:
+def _check_stacked(x: Tensor, adapter_ids: Tensor, weight: Tensor, bias: Tensor | None, stack: Tensor) -> None:
+    _check_linear(x, weight, bias)
     ids_shape, stack_shape = tuple(adapter_ids.shape), tuple(stack.shape)
     torch._check(x.dim() >= 2, lambda: f"miss.stacked_linear: x must be [batch, ..., in], got {tuple(x.shape)}")
     torch._check(
@@ -291,7 +278,7 @@ def _check_stacked(x: torch.Tensor, adapter_ids: torch.Tensor, weight: torch.Ten
     )
 
 
-def stacked_product(x: torch.Tensor, adapter_ids: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
+def stacked_product(x: Tensor, adapter_ids: Tensor, stack: Tensor) -> Tensor:
     """S(x in the stack's dtype) @ stack[id of the row], row by row: [batch, ..., out] in the stack's dtype."""
     r, out_features = stack.shape[1:]
     tokens = math.prod(x.shape[1:-1])  # not -1: an empty batch has no size to infer
@@ -300,17 +287,10 @@ def stacked_product(x: torch.Tensor, adapter_ids: torch.Tensor, stack: torch.Ten
 
 
 @torch.library.custom_op("miss::stacked_linear", mutates_args=())
-def stacked_linear(
-    x: torch.Tensor,
-    adapter_ids: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    stack: torch.Tensor,
-) -> torch.Tensor:
+def stacked_linear(x: Tensor, adapter_ids: Tensor, weight: Tensor, bias: Tensor | None, stack: Tensor) -> Tensor:
     """Row b of x uses block stack[adapter_ids[b]]; negative ids count from the end, as in indexing
     (the stacks built by miss_compile.stacked keep a zero block last: id -1 is "no adapter")."""
-    _check_linear(x, weight, bias)
-    _check_stacked(x, adapter_ids, weight, stack)
+    _check_stacked(x, adapter_ids, weight, bias, stack)
     n_adapters = stack.shape[0]
     if adapter_ids.numel() and not (adapter_ids.min() >= -n_adapters and adapter_ids.max() < n_adapters):
         raise IndexError(
@@ -320,19 +300,12 @@ def stacked_linear(
 
 
 @stacked_linear.register_fake
-def _(
-    x: torch.Tensor,
-    adapter_ids: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    stack: torch.Tensor,
-) -> torch.Tensor:
-    _check_linear(x, weight, bias)
-    _check_stacked(x, adapter_ids, weight, stack)
+def _(x: Tensor, adapter_ids: Tensor, weight: Tensor, bias: Tensor | None, stack: Tensor) -> Tensor:
+    _check_stacked(x, adapter_ids, weight, bias, stack)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _stacked_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+def _stacked_setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
     x, adapter_ids, weight, bias, stack = inputs
     trains = [name for name, t in (("weight", weight), ("bias", bias), ("stack", stack))
               if t is not None and t.requires_grad]
@@ -348,11 +321,11 @@ def _stacked_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> Non
     ctx.x_dtype = x.dtype
 
 
-def _stacked_backward(ctx: Any, grad: torch.Tensor) -> tuple:
+def _stacked_backward(ctx: Any, grad: Tensor) -> tuple:
     """Gradient for x only (an upstream layer may train): grad @ W + tile(grad @ stack[id].T)."""
     adapter_ids, weight, stack = ctx.saved_tensors
     tokens = math.prod(grad.shape[1:-1])
-    grad_adapter = grad.to(torch.promote_types(grad.dtype, stack.dtype)).reshape(grad.shape[0], tokens, stack.shape[2])
+    grad_adapter = grad.to(reference.compute_dtype(grad.dtype, stack.dtype)).reshape(grad.shape[0], tokens, stack.shape[2])
     grad_sums = torch.bmm(grad_adapter, stack[adapter_ids].to(grad_adapter.dtype).transpose(1, 2))
     grad_x = grad @ weight.to(grad.dtype) + _tile(grad_sums, ctx.in_features).reshape(*grad.shape[:-1], -1).to(grad.dtype)
     return grad_x.to(ctx.x_dtype), None, None, None, None
@@ -379,7 +352,7 @@ _autocast_library = torch.library.Library("miss", "FRAGMENT")  # keeps the regis
 def _autocast_cast(value: Any, device_type: str, dtype: torch.dtype) -> Any:
     if isinstance(value, (list, tuple)):
         return [_autocast_cast(item, device_type, dtype) for item in value]
-    eligible = (isinstance(value, torch.Tensor) and value.is_floating_point()
+    eligible = (isinstance(value, Tensor) and value.is_floating_point()
                 and value.device.type == device_type and value.dtype != torch.float64)
     return value.to(dtype) if eligible else value
 
@@ -387,7 +360,7 @@ def _autocast_cast(value: Any, device_type: str, dtype: torch.dtype) -> Any:
 def _autocast_kernel(op: torch._ops.OpOverload, device_type: str, kept: tuple[int, ...]) -> Any:
     autocast_key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
 
-    def kernel(_keyset: Any, *args: Any) -> torch.Tensor:
+    def kernel(_keyset: Any, *args: Any) -> Tensor:
         dtype = torch.get_autocast_dtype(device_type)
         cast = [arg if index in kept else _autocast_cast(arg, device_type, dtype) for index, arg in enumerate(args)]
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(autocast_key)):

@@ -12,13 +12,18 @@ merge agree for every mix of variants.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = [
     "MAX_UNMERGE_CONDITION",
+    "compute_dtype",
+    "accumulate_dtype",
+    "block_variant",
     "chunk_sum",
     "expand_block",
     "delta_weight",
@@ -27,6 +32,8 @@ __all__ = [
     "unmerged_weight",
     "check_bat_unmerge",
     "forward",
+    "to_bat_blocks",
+    "from_bat_blocks",
 ]
 
 # Unmerging bat multiplies by inv(I + D_p): rounding errors grow by up to its condition number.
@@ -35,16 +42,42 @@ MAX_UNMERGE_CONDITION = 1e4
 AdapterTerm = tuple[torch.Tensor, str]  # (block, variant)
 
 
+# --- dtype policy. Two rules on purpose: a layer's GEMMs and adds run in the promoted dtype of their
+# operands (PEFT's eager rule), while merges and folds of W accumulate in fp32 at least (one rounding).
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The promoted dtype of the operands: what a layer's GEMMs and adds run in, as PEFT computes them."""
+    return functools.reduce(torch.promote_types, dtypes)
+
+
+def accumulate_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """fp32 at least: merged weights, bat folds and half-precision chunk sums accumulate in it."""
+    return compute_dtype(torch.float32, *dtypes)
+
+
+# --- which variant a block's shape means
+
+
+def block_variant(block_shape: Sequence[int], out_features: int) -> str:
+    """The variant of a block on a Linear with `out_features` outputs (MissConfig.block_shape inverted):
+    [out // r, r, r] is bat, [r, out] balance, [r, mini_r] mini. Symbolic sizes count as equal only
+    when provably so (no guard)."""
+    if len(block_shape) == 3:
+        return "bat"
+    return "balance" if statically_known_true(block_shape[1] == out_features) else "mini"
+
+
 def chunk_sum(x: torch.Tensor, r: int) -> torch.Tensor:
     """S(x)[..., j] = sum of x[..., i] over i % r == j; x zero-padded to a multiple of r."""
     pad = (-x.shape[-1]) % r
     if pad:
         x = F.pad(x, (0, pad))
     chunks = x.reshape(*x.shape[:-1], x.shape[-1] // r, r)
-    if x.dtype in (torch.bfloat16, torch.float16):
+    if accumulate_dtype(x.dtype) != x.dtype:
         # fp32 accumulation, one rounding: what torch's half-precision sum does anyway; spelled out,
         # Inductor's CPU codegen does not declare one accumulator twice when two layers sum one x.
-        return chunks.sum(-2, dtype=torch.float32).to(x.dtype)
+        return chunks.sum(-2, dtype=accumulate_dtype(x.dtype)).to(x.dtype)
     return chunks.sum(-2)
 
 
@@ -57,28 +90,21 @@ def expand_block(block: torch.Tensor, variant: str, out_features: int) -> torch.
     raise ValueError(f"expand_block is for balance/mini blocks, got variant {variant!r}")
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """fp32 at least: half-precision weights are merged in fp32 and cast back."""
-    dtype = torch.float32
-    for tensor in tensors:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
-
-
 def to_bat_blocks(weight: torch.Tensor, r: int) -> torch.Tensor:
-    # [out, in] -> [out // r, in // r, r, r]: element [p, q] is block W_pq
+    """[out, in] -> [out // r, in // r, r, r]: element [p, q] is block W_pq."""
     out_features, in_features = weight.shape
     return weight.reshape(out_features // r, r, in_features // r, r).permute(0, 2, 1, 3)
 
 
 def from_bat_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """[out // r, in // r, r, r] -> [out, in], the inverse of to_bat_blocks."""
     n_out, n_in, r, _ = blocks.shape
     return blocks.permute(0, 2, 1, 3).reshape(n_out * r, n_in * r)
 
 
 def delta_weight(weight: torch.Tensor, block: torch.Tensor, variant: str) -> torch.Tensor:
     """dW with W + dW the merged weight; computed in fp32 (or wider) whatever the inputs' dtypes."""
-    dtype = _compute_dtype(weight, block)
+    dtype = accumulate_dtype(weight.dtype, block.dtype)
     out_features, in_features = weight.shape
     if variant == "bat":
         r = block.shape[-1]
@@ -93,13 +119,14 @@ def delta_weight(weight: torch.Tensor, block: torch.Tensor, variant: str) -> tor
 
 def merged_weight(weight: torch.Tensor, block: torch.Tensor, variant: str) -> torch.Tensor:
     """W' = W + dW, in the weight's dtype."""
-    return (weight.to(_compute_dtype(weight, block)) + delta_weight(weight, block, variant)).to(weight.dtype)
+    return (weight.to(accumulate_dtype(weight.dtype, block.dtype)) + delta_weight(weight, block, variant)).to(weight.dtype)
 
 
 def check_bat_unmerge(block: torch.Tensor, max_condition: float = MAX_UNMERGE_CONDITION) -> torch.Tensor:
     """I + D_p for every p, in fp32 or wider; raises when any is singular or ill-conditioned."""
     r = block.shape[-1]
-    eye_plus_d = torch.eye(r, dtype=_compute_dtype(block), device=block.device) + block.to(_compute_dtype(block))
+    dtype = accumulate_dtype(block.dtype)
+    eye_plus_d = torch.eye(r, dtype=dtype, device=block.device) + block.to(dtype)
     condition = torch.linalg.cond(eye_plus_d)
     bad = ~torch.isfinite(condition) | (condition > max_condition)
     if bad.any():
@@ -127,7 +154,7 @@ def unmerged_weight(
     max_condition: float = MAX_UNMERGE_CONDITION,
 ) -> torch.Tensor:
     """W from W'. Bat inverts blockwise in fp32 and refuses when I + D_p is (nearly) singular."""
-    dtype = _compute_dtype(merged, block)
+    dtype = accumulate_dtype(merged.dtype, block.dtype)
     if variant != "bat":
         return (merged.to(dtype) - delta_weight(merged, block, variant)).to(merged.dtype)
     eye_plus_d = check_bat_unmerge(block, max_condition)
@@ -153,10 +180,8 @@ def forward(
     if any(variant == "bat" for _, variant in adapters):
         folded = weight
         for block, variant in adapters:
-            folded = folded.to(_compute_dtype(folded, block)) + delta_weight(folded, block, variant)
-        dtype = weight.dtype
-        for block, _ in adapters:
-            dtype = torch.promote_types(dtype, block.dtype)
+            folded = folded.to(accumulate_dtype(folded.dtype, block.dtype)) + delta_weight(folded, block, variant)
+        dtype = compute_dtype(weight.dtype, *[block.dtype for block, _ in adapters])
         bias = None if bias is None else bias.to(dtype)
         return F.linear(x.to(dtype), folded.to(dtype), bias).to(x.dtype)
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from miss_compile import reference
+from miss_compile.config import MissConfig
 
 
 def naive_delta(weight, block, variant):
@@ -120,3 +121,37 @@ def test_dropout_applies_to_adapter_input_only():
     x = torch.randn(4, 8)
     zeros = [lambda t: torch.zeros_like(t)]
     torch.testing.assert_close(reference.forward(x, weight, None, [(block, "balance")], zeros), x @ weight.T)
+
+
+@pytest.mark.parametrize("variant,in_features,out_features,r,mini_r", CASES)
+def test_block_variant_inverts_the_configs_block_shape(variant, in_features, out_features, r, mini_r):
+    shape = MissConfig(r=r, variant=variant, mini_r=mini_r).block_shape(in_features, out_features)
+    assert reference.block_variant(shape, out_features) == variant
+    assert reference.block_variant(block_for(variant, in_features, out_features, r, mini_r).shape, out_features) == variant
+
+
+# (operand dtypes, compute_dtype: what GEMMs and adds run in, accumulate_dtype: what merges and folds run in)
+DTYPE_POLICY = [
+    ((torch.bfloat16,), torch.bfloat16, torch.float32),
+    ((torch.float16,), torch.float16, torch.float32),
+    ((torch.float32,), torch.float32, torch.float32),
+    ((torch.float64,), torch.float64, torch.float64),
+    ((torch.bfloat16, torch.bfloat16), torch.bfloat16, torch.float32),
+    ((torch.bfloat16, torch.float32), torch.float32, torch.float32),
+    ((torch.bfloat16, torch.float16), torch.float32, torch.float32),
+    ((torch.float16, torch.float64), torch.float64, torch.float64),
+]
+
+
+@pytest.mark.parametrize("dtypes,compute,accumulate", DTYPE_POLICY)
+def test_dtype_policy_table(dtypes, compute, accumulate):
+    assert reference.compute_dtype(*dtypes) == compute
+    assert reference.accumulate_dtype(*dtypes) == accumulate
+
+
+def test_merged_weight_accumulates_in_the_policys_dtype():
+    """bf16 weight, fp64 block: the merge runs in fp64 (accumulate_dtype), then rounds once to bf16."""
+    weight, block = torch.randn(8, 8).to(torch.bfloat16), torch.randn(2, 8, dtype=torch.float64)
+    merged = reference.merged_weight(weight, block, "balance")
+    expected = (weight.double() + naive_delta(weight, block, "balance")).to(torch.bfloat16)
+    torch.testing.assert_close(merged, expected, atol=0, rtol=0)
