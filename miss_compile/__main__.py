@@ -1,3 +1,3 @@
 from .demo import main
 
-main()
+raise SystemExit(main())
