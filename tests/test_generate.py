@@ -12,9 +12,16 @@ import pytest
 import torch
 from helpers import VOCAB, build, randomize_blocks
 
-from miss_compile import MissConfig, apply_miss
-from miss_compile.export import export_causal_lm, load_session, write_onnx_adapter
-from miss_compile.export.causal_lm import past_name, present_name
+from miss_compile import (
+    MissConfig,
+    adapter_ids_for,
+    adapters_disabled,
+    apply_miss,
+    set_active_adapters,
+    stack_adapters,
+)
+from miss_compile.export import export_causal_lm, export_onnx, load_session, write_onnx_adapter
+from miss_compile.export.causal_lm import past_name, positions_from_mask, present_name
 
 NEW_TOKENS = 24
 EOS, PAD = 2, 0
@@ -146,3 +153,53 @@ def test_sampling_is_refused_by_name(exported):
     ids, mask = prompts([3])
     with pytest.raises(NotImplementedError, match="greedy.*onnxruntime-genai"):
         load_session(path, device="cpu").generate(ids, attention_mask=mask, do_sample=True)
+
+
+@pytest.mark.slow
+def test_mistral_tokens_equal_transformers(tmp_path):
+    model = adapted("mistral", seed=2)
+    export_causal_lm(model, tmp_path / "model.onnx")
+    ids, mask = prompts([7, 4, 2])
+    got = load_session(tmp_path / "model.onnx", device="cpu").generate(
+        ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=EOS, pad_token_id=PAD)
+    assert torch.equal(got, reference(model, ids, mask))
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_stacked_rows_take_their_adapters(tmp_path):
+    """adapter_ids [batch] picks one adapter per row at every step; -1 is the base model."""
+    model = build("llama")
+    for seed, name in enumerate(["a", "b"]):
+        apply_miss(model, MissConfig(r=4, target_modules="all-linear"), name)
+        randomize_blocks(model, name, seed=10 + seed)
+    model = stack_adapters(model)
+    export_causal_lm(model, tmp_path / "model.onnx", adapter_ids=torch.tensor([0, 1]))
+    ids, mask = prompts([7, 4, 2])
+    rows = ["a", "b", None]
+    expected = []
+    for row, name in enumerate(rows):  # transformers' generate takes no adapter per row: one run per adapter
+        if name is None:
+            with adapters_disabled(model):
+                expected.append(reference(model, ids, mask)[row])
+        else:
+            set_active_adapters(model, name)
+            expected.append(reference(model, ids, mask)[row])
+    got = load_session(tmp_path / "model.onnx", device="cpu").generate(
+        ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=EOS, pad_token_id=PAD,
+        adapter_ids=adapter_ids_for(model, rows))
+    assert len({tuple(row.tolist()) for row in expected}) == 3  # each adapter gives other tokens
+    assert torch.equal(got, torch.stack(expected))
+
+
+@pytest.mark.slow
+def test_graph_without_cache_recomputes_each_step(tmp_path):
+    """A plain export (no past inputs) generates the same tokens, running the whole sequence per step."""
+    model = adapted("llama", seed=2)
+    ids, mask = prompts([7, 4, 2])
+    export_onnx(model, kwargs={"input_ids": ids, "attention_mask": mask, "position_ids": positions_from_mask(mask)},
+                path=tmp_path / "model.onnx", merged=True)
+    session = load_session(tmp_path / "model.onnx", device="cpu")
+    assert not any(name.startswith("past_key_values.") for name in session.input_names)
+    got = session.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=EOS, pad_token_id=PAD)
+    assert torch.equal(got, reference(model, ids, mask))
