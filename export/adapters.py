@@ -14,18 +14,21 @@ from torch import nn
 
 from miss_compile.checkpoint import read_adapter
 from miss_compile.files import write_atomically
-from miss_compile.peft_compat import model_root, named_miss_layers
+from miss_compile.peft_compat import layers_with, model_root, named_miss_layers
 from miss_compile.saved_modules import saved_tensors
 from miss_compile.stacked import refresh_stacks, stacked_layers
 
+from .names import block_input_name, is_block_input, is_stack_input, split_block_input, stack_input_name
+
 __all__ = ["write_onnx_adapter", "write_onnx_stack", "adapter_parameters", "stack_parameters",
-           "read_onnx_adapter", "signature", "adapter_fit_problems", "BLOCK_PART", "STACK_SUFFIX"]
+           "read_onnx_adapter", "signature", "adapter_fit_problems", "NO_BLOCKS"]
 
 _ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
                   onnx.TensorProto.DOUBLE: np.float64}
 
-BLOCK_PART = ".miss_block."  # a block's graph input: <module>.miss_block.<adapter>
-STACK_SUFFIX = ".miss_stack"  # a stack's graph input: <module>.miss_stack
+# Why an adapter file cannot apply to a graph without overridable inputs (write_onnx_adapter, sessions).
+NO_BLOCKS = ("has no overridable blocks: it is a merged export (adapters folded into its weights) or has no "
+             "MiSS layers; adapter files need a graph exported with merged=False (miss-export --unmerged)")
 
 # name -> (shape, dtype); a str (or None) dim is symbolic and fits any size; dtype None: not checked.
 Signature = dict[str, tuple[tuple, object]]
@@ -37,7 +40,7 @@ def adapter_parameters(adapter: str | os.PathLike | nn.Module, adapter_name: str
     named `<module>.miss_block.<as_name>` (default: adapter_name), the name the graph was exported with."""
     graph_name = adapter_name if as_name is None else as_name
     if isinstance(adapter, nn.Module):
-        layers = {n: layer for n, layer in named_miss_layers(adapter).items() if adapter_name in layer.miss_block}
+        layers = layers_with(adapter, adapter_name)
         if not layers:
             raise ValueError(f"the model has no adapter named {adapter_name!r}")
         heads = saved_tensors(model_root(adapter), adapter_name)
@@ -47,9 +50,9 @@ def adapter_parameters(adapter: str | os.PathLike | nn.Module, adapter_name: str
             raise ValueError(
                 f"adapter {adapter_name!r} trains whole modules too (modules_to_save: {sorted(heads)}), which an "
                 ".onnx_adapter cannot carry: export one graph per adapter (export_onnx) instead")
-        return {f"{n}{BLOCK_PART}{graph_name}": layer.miss_block[adapter_name].detach() for n, layer in layers.items()}
+        return {block_input_name(n, graph_name): layer.miss_block[adapter_name].detach() for n, layer in layers.items()}
     _, blocks = read_adapter(adapter)
-    return {f"{name}{BLOCK_PART}{graph_name}": block for name, block in blocks.items()}
+    return {block_input_name(name, graph_name): block for name, block in blocks.items()}
 
 
 def _graph_blocks(model_path: Path) -> dict[str, tuple[tuple[int, ...], type]]:
@@ -92,7 +95,7 @@ def stack_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     layers = {name: layer for name, layer in named_miss_layers(model).items() if id(layer) in stacked}
     if not layers:
         raise ValueError(f"{type(model).__name__} has no adapter stacks; call miss_compile.stack_adapters(model) first")
-    return {f"{name}.miss_stack": layer.miss_stack for name, layer in layers.items()}
+    return {stack_input_name(name): layer.miss_stack for name, layer in layers.items()}
 
 
 def write_onnx_stack(model: nn.Module, path: str | os.PathLike, model_path: str | os.PathLike | None = None) -> Path:
@@ -121,7 +124,7 @@ def signature(parameters: dict[str, np.ndarray]) -> Signature:
 
 def _free_stack_dims(graph: Signature) -> Signature:
     # a stack's first dim (how many adapters) is free: a stack file may hold more adapters than the export
-    return {name: (("adapters", *shape[1:]) if name.endswith(STACK_SUFFIX) else shape, dtype)
+    return {name: (("adapters", *shape[1:]) if is_stack_input(name) else shape, dtype)
             for name, (shape, dtype) in graph.items()}
 
 
@@ -139,7 +142,7 @@ def adapter_fit_problems(parameters: Signature, graph: Signature, partial: bool 
             problems.append(f"{name!r}: shape {shape}, the graph expects {expected_shape}")
         elif dtype is not None and expected_dtype is not None and dtype != expected_dtype:
             problems.append(f"{name!r}: dtype {dtype}, the graph expects {expected_dtype}")
-    stack_sizes = {shape[0] for name, (shape, _) in parameters.items() if name.endswith(STACK_SUFFIX) and shape}
+    stack_sizes = {shape[0] for name, (shape, _) in parameters.items() if is_stack_input(name) and shape}
     if len(stack_sizes) > 1:
         problems.append(f"the stacks hold different numbers of adapters {sorted(stack_sizes)}; one id must mean "
                         "one adapter in every layer: write them together with write_onnx_stack")
@@ -150,19 +153,20 @@ def adapter_fit_problems(parameters: Signature, graph: Signature, partial: bool 
 
 def _naming_hints(extra: list[str], missing: list[str]) -> list[str]:
     """When names differ only by the adapter part (or blocks vs stacks), say which option fixes it."""
-    written = {name.rpartition(BLOCK_PART)[0]: name.rpartition(BLOCK_PART)[2] for name in extra if BLOCK_PART in name}
-    exported = {name.rpartition(BLOCK_PART)[0]: name.rpartition(BLOCK_PART)[2] for name in missing if BLOCK_PART in name}
+    written = dict(split_block_input(name) for name in extra if is_block_input(name))
+    exported = dict(split_block_input(name) for name in missing if is_block_input(name))
     shared = set(written) & set(exported)
     hints = []
     if shared:
         file_names = sorted({written[m] for m in shared})
         graph_names = sorted({exported[m] for m in shared})
         hints.append(f"the file was written for adapter name(s) {file_names} while the graph was exported with "
-                     f"{graph_names}: write it again with write_onnx_adapter(..., as_name={graph_names[0]!r})")
-    if any(n.endswith(STACK_SUFFIX) for n in extra) and any(BLOCK_PART in n for n in missing):
+                     f"{graph_names}: write it again with write_onnx_adapter(..., as_name={graph_names[0]!r}), or export "
+                     f"the graph with the file's name (miss-export --adapter-name {file_names[0]})")
+    if any(is_stack_input(n) for n in extra) and any(is_block_input(n) for n in missing):
         hints.append("the file holds adapter stacks (write_onnx_stack) but the graph has one block per layer: "
                      "use write_onnx_adapter for this graph, or export with adapter_ids for stacks")
-    if any(BLOCK_PART in n for n in extra) and any(n.endswith(STACK_SUFFIX) for n in missing):
+    if any(is_block_input(n) for n in extra) and any(is_stack_input(n) for n in missing):
         hints.append("the file holds single-adapter blocks but the graph was exported with adapter_ids (stacks): "
                      "write the file with write_onnx_stack")
     return hints
@@ -173,6 +177,8 @@ def _write(parameters: dict[str, torch.Tensor], path: str | os.PathLike, model_p
         expected = {name: (tuple(block.shape), np.float32) for name, block in parameters.items()}
     else:
         expected = _graph_blocks(Path(model_path))
+        if not expected:
+            raise ValueError(f"{model_path} {NO_BLOCKS}")
     graph = {name: (shape, None) for name, (shape, _) in expected.items()}  # dtypes follow the graph: cast below
     signature = {name: (tuple(block.shape), None) for name, block in parameters.items()}
     problems = adapter_fit_problems(signature, _free_stack_dims(graph))

@@ -8,42 +8,50 @@ stacked:  kwargs hold `adapter_ids` (a model after miss_compile.stack_adapters):
           graph input [batch], and each layer's stack an overridable initializer
           `<module>.miss_stack` [adapters, r, out] whose first dim is symbolic, so a stack with
           more adapters (export.write_onnx_stack) runs on the same graph.
+
+The steps work on one representation, the onnx_ir model torch.onnx.export returns: trace, expose
+the blocks, optimize, name the outputs, group each MiSS layer into a local function, record the
+provenance, check; then one save into a staging folder, validated there and moved into place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import inspect
+import json
 import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import onnx
 import onnx_ir as ir
 import torch
 from torch import nn
 
 from miss_compile.files import write_files_atomically
 from miss_compile.inject import merge_adapters
-from miss_compile.peft_compat import from_peft, named_miss_layers
+from miss_compile.peft_compat import adapter_variant, from_peft, model_root, named_miss_layers
 from miss_compile.stacked import has_stacks, refresh_stacks
 
+from . import inputs
+from . import validate as validation
 from .functions import group_into_functions
+from .names import BLOCK_MARKER, STACK_SUFFIX, is_overridable_input, is_stack_input
 from .translation import OPSET, TRANSLATIONS
 
-__all__ = ["export_onnx", "ExportResult", "BLOCK_MARKER", "STACK_SUFFIX", "IR_VERSION"]
+__all__ = ["export_onnx", "ExportResult", "BLOCK_MARKER", "STACK_SUFFIX", "IR_VERSION", "METADATA_PREFIX",
+           "prepare", "fold_adapters", "provenance"]
 
 logger = logging.getLogger(__name__)
 
-BLOCK_MARKER = ".miss_block."
-STACK_SUFFIX = ".miss_stack"
 IR_VERSION = 10  # what torch's exporter writes; onnxruntime 1.31 rejects onnx 1.23's default (14)
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+METADATA_PREFIX = "miss_compile."  # provenance keys in the model's metadata_props
+_PROTOBUF_LIMIT = 2**31 - 2**26  # protobuf's 2 GB, with headroom for the graph
 
 
 @dataclass
@@ -56,12 +64,129 @@ class ExportResult:
     block_inputs: list[str] = field(default_factory=list)
     max_abs_error: float | None = None
     max_rel_error: float | None = None
+    input_names: list[str] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         kind = "merged" if self.merged else f"unmerged, {len(self.block_inputs)} overridable blocks"
         error = "" if self.max_abs_error is None else (
             f", onnxruntime vs torch max abs {self.max_abs_error:.2e} rel {self.max_rel_error:.2e}")
         return f"{self.path}: {kind}, {self.nodes} nodes, {self.bytes / 1e6:.1f} MB, {self.seconds:.1f}s{error}"
+
+
+def export_onnx(
+    model: nn.Module,
+    args: tuple = (),
+    kwargs: dict[str, Any] | None = None,
+    path: str | os.PathLike = "model.onnx",
+    merged: bool = False,
+    opset: int = OPSET,
+    dynamic: bool = True,
+    dtype: torch.dtype | None = None,
+    external_data: bool | None = None,
+    validate: bool = True,
+    *,
+    input_names: list[str] | None = None,
+    output_names: list[str] | None = None,
+    dynamic_shapes: Any = None,
+    metadata: Mapping[str, str] | None = None,
+    validation_inputs: Sequence[Mapping[str, Any]] = (),
+) -> ExportResult:
+    """Export `model(*args, **kwargs)` to `path`; validates on onnxruntime unless validate=False.
+
+    Every tensor in args / kwargs (attention_mask, token_type_ids, position_ids, ... as passed) is a
+    graph input, batch and sequence dynamic; outputs take the model's own names (`logits`, ...) when it
+    returns a ModelOutput or dict. Validation runs the example, left- and right-padded batches when an
+    `attention_mask` is given (comparing the positions it keeps: see export.validate), the inputs at
+    another size, and `validation_inputs`.
+
+    external_data: None writes weights to `<path>.data` only past 2 GB (protobuf's limit).
+    input_names / output_names: names for the graph's inputs (the tensors of args then kwargs, lists
+        flattened, in the order passed) and outputs (the model's output tensors in order).
+    dynamic_shapes: torch.export's dynamic_shapes, in place of the batch / sequence rule (dynamic is then
+        ignored); validation then runs no automatic other size: pass those sizes as validation_inputs.
+    metadata: extra metadata_props (str -> str) beside the provenance (keys starting `miss_compile.`).
+    validation_inputs: more kwargs sets (each complete, like `kwargs`) validated before saving.
+    """
+    start = time.perf_counter()
+    path, kwargs = Path(path), dict(kwargs or {})
+    _check_request(path, opset, kwargs, merged, metadata)
+    prepared, args, kwargs = _prepare_with_inputs(model, args, kwargs, dtype)
+    extra = [inputs.cast_inputs(dict(case), dtype) for case in validation_inputs]
+    cases = validation.validation_cases(prepared, args, kwargs, dynamic and dynamic_shapes is None, extra) if validate else []
+    # The outputs to validate against come from the adapters as they run, before any merge: a
+    # merge that changed what it must not (a weight read elsewhere too) then fails validation.
+    expected = validation.expected_outputs(prepared, cases)
+    properties = {**provenance(model, prepared, merged, "adapter_ids" in kwargs), **(metadata or {})}
+    if merged and named_miss_layers(prepared):
+        fold_adapters(prepared)
+    if external_data is None:
+        external_data = sum(p.numel() * p.element_size() for p in prepared.parameters()) > _PROTOBUF_LIMIT
+    if dynamic_shapes is None and dynamic:
+        dynamic_shapes = inputs.dynamic_shapes(prepared, args, kwargs)
+    program = _trace(prepared, args, kwargs, opset, dynamic_shapes, external_data, input_names, output_names)
+    block_inputs = [] if merged else _expose_blocks(program.model.graph)
+    with _quiet("onnx_ir.passes.common.initializer_deduplication"):  # blocks stay apart by design
+        program.optimize()
+    if output_names is None:
+        _name_outputs(program)
+    _finish(program.model, properties)
+    errors: list[float] = []
+
+    def check(staged: Path) -> None:
+        program.save(staged, external_data=external_data)
+        if validate:
+            errors.extend(validation.validate_export(prepared, staged, cases, expected))
+
+    write_files_atomically(path, check)
+    graph = program.model.graph
+    result = ExportResult(
+        path=path,
+        merged=merged,
+        nodes=len(graph),
+        bytes=path.stat().st_size + sum(f.stat().st_size for f in path.parent.glob(path.name + ".data")),
+        seconds=time.perf_counter() - start,
+        block_inputs=block_inputs,
+        input_names=[value.name for value in graph.inputs if not is_overridable_input(value.name)],
+        output_names=[value.name for value in graph.outputs],
+    )
+    if errors:
+        result.max_abs_error, result.max_rel_error = errors
+    logger.info("%s", result)
+    return result
+
+
+def _check_request(path: Path, opset: int, kwargs: dict[str, Any], merged: bool,
+                   metadata: Mapping[str, str] | None) -> None:
+    """Refuse what cannot be exported before the (slow) work starts."""
+    if opset < OPSET:
+        raise ValueError(f"opset={opset}: the MiSS translations need opset >= {OPSET} (Pad with axes)")
+    _check_writable(path)
+    if "adapter_names" in kwargs:
+        raise ValueError("export_onnx takes adapter_ids, not adapter_names: names would be traced into constant ids. "
+                         "Pass adapter_ids=miss_compile.adapter_ids_for(model, names)")
+    if "adapter_ids" in kwargs and merged:
+        raise ValueError("adapter_ids given with merged=True; each batch row has its own adapter, so a stacked "
+                         "export is unmerged: pass merged=False")
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"metadata {key!r}: {value!r}: metadata_props are str -> str; convert the value with str()")
+        if key.startswith(METADATA_PREFIX):
+            raise ValueError(f"metadata key {key!r}: keys starting {METADATA_PREFIX!r} are the export's provenance; "
+                             "choose another key")
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before the (slow) export when `path` cannot be written."""
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot export to {path}: it is a folder; pass a file path such as {path / 'model.onnx'}")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"cannot export to {path}: {folder} is a file, not a folder; choose another path")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"cannot export to {path}: {folder} is not writable; choose a writable folder")
 
 
 def prepare(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -73,7 +198,7 @@ def prepare(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     if dtype is not None:
         prepared.to(dtype)
     if getattr(prepared, "config", None) is not None and hasattr(prepared.config, "use_cache"):
-        prepared.config.use_cache = False  # no past-key-values export yet: outputs are tensors only
+        prepared.config.use_cache = False  # past key values are the caller's inputs (a wrapper), not outputs here
     for name, layer in named_miss_layers(prepared).items():
         if layer.disable_adapters and layer.merged:
             try:
@@ -82,6 +207,35 @@ def prepare(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
                 raise ValueError(f"layer {name!r} is merged while its adapters are disabled, and cannot be "
                                  f"unmerged: {error}") from None
     return prepared
+
+
+def _prepare_with_inputs(model: nn.Module, args: tuple, kwargs: dict[str, Any],
+                         dtype: torch.dtype | None) -> tuple[nn.Module, tuple, dict[str, Any]]:
+    """The prepared copy and the inputs it is traced with (cast to `dtype`; a stacked model's by name)."""
+    stacked = "adapter_ids" in kwargs
+    if stacked:
+        refresh_stacks(model)  # torch.export traces the stacks as they are: never a stale one
+    prepared = prepare(model, dtype)
+    if stacked:
+        kwargs, args = inputs.named_inputs(prepared, args, kwargs), ()
+        _take_adapter_ids(prepared, kwargs)
+    return prepared, inputs.cast_inputs(args, dtype), inputs.cast_inputs(kwargs, dtype)
+
+
+def _take_adapter_ids(prepared: nn.Module, named: dict[str, Any]) -> None:
+    """Give `prepared` (a copy) a forward whose signature names every input, adapter_ids included,
+    so torch.export makes adapter_ids a graph input; the stacking pre-hook pops it before forward."""
+    if not has_stacks(prepared):
+        raise ValueError(f"adapter_ids given, but {type(prepared).__name__} has no adapter stacks; "
+                         "call miss_compile.stack_adapters(model) before export_onnx")
+    model_forward = type(prepared).forward
+
+    def forward(**given: Any) -> Any:
+        return model_forward(prepared, **given)
+
+    forward.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in named])
+    prepared.forward = forward
 
 
 def fold_adapters(prepared: nn.Module) -> None:
@@ -102,192 +256,98 @@ def fold_adapters(prepared: nn.Module) -> None:
         unwrap(name, layer)
 
 
-def _dynamic_dims(value: torch.Tensor, name: str = "") -> dict[int, str]:
-    """Batch (dim 0) and sequence (dim 1); a float input's last dim is features and stays static
-    (ids and masks [batch, seq], hidden states [batch, seq, features], rows [batch, features])."""
-    features = value.is_floating_point() and "mask" not in name
-    rank = value.dim() - 1 if features else value.dim()
-    return {dim: label for dim, label in ((0, "batch"), (1, "sequence")) if dim < rank}
+def provenance(model: nn.Module, prepared: nn.Module, merged: bool, stacked: bool) -> dict[str, str]:
+    """metadata_props saying where the graph came from: base model class, adapters and their variants,
+    the active ones, merged or not, stacked or not, miss_compile's version. `prepared`: prepare(model)."""
+    layers = named_miss_layers(prepared)
+    variants: dict[str, set[str]] = {}
+    for layer in layers.values():
+        for name in layer.miss_block:
+            variants.setdefault(name, set()).add(adapter_variant(layer, name))
+    active = sorted({name for layer in layers.values() if not layer.disable_adapters for name in layer.active_adapters})
+    return {
+        f"{METADATA_PREFIX}version": importlib.metadata.version("miss_compile"),
+        f"{METADATA_PREFIX}base_model": type(model_root(model)).__name__,
+        f"{METADATA_PREFIX}adapters": json.dumps({name: ",".join(sorted(kinds)) for name, kinds in sorted(variants.items())}),
+        f"{METADATA_PREFIX}active_adapters": json.dumps(active),
+        f"{METADATA_PREFIX}merged": json.dumps(merged),
+        f"{METADATA_PREFIX}stacked": json.dumps(stacked),
+    }
 
 
-def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """Batch and sequence of every tensor input are dynamic (see _dynamic_dims)."""
-    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
-    shapes: dict[str, Any] = {}
-    for name, value in bound.items():
-        dims = _dynamic_dims(value, name) if isinstance(value, torch.Tensor) else {}
-        if any(value.shape[dim] < 2 for dim in dims):
-            # torch.export specializes sizes 0 and 1: the graph would only take that size.
-            raise ValueError(
-                f"example input {name!r} has shape {tuple(value.shape)}; a dynamic export needs batch and "
-                "sequence sizes >= 2 in the example (or pass dynamic=False)"
-            )
-        shapes[name] = dims or None
-    return shapes
-
-
-def _expose_blocks(program: Any) -> list[str]:
-    """Make every MiSS block and stack an overridable initializer (graph input with a default);
-    a stack's first dim (how many adapters) becomes symbolic."""
-    graph = program.model.graph
-    names = [name for name in graph.initializers if BLOCK_MARKER in name or name.endswith(STACK_SUFFIX)]
-    for name in names:
-        value = graph.initializers[name]
-        if name.endswith(STACK_SUFFIX):
-            value.shape = ir.Shape(["adapters", *value.shape[1:]])
-        graph.inputs.append(value)
-    return names
-
-
-def _named_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """Every input by name, `**kwargs` of the model's forward spread out (HF models take them so)."""
-    parameters = inspect.signature(model.forward).parameters
-    inputs: dict[str, Any] = {}
-    for name, value in inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments.items():
-        if parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-            inputs.update(value)
-        else:
-            inputs[name] = value
-    return inputs
-
-
-def _take_adapter_ids(prepared: nn.Module, inputs: dict[str, Any]) -> None:
-    """Give `prepared` (a copy) a forward whose signature names every input, adapter_ids included,
-    so torch.export makes adapter_ids a graph input; the stacking pre-hook pops it before forward."""
-    if not has_stacks(prepared):
-        raise ValueError(f"adapter_ids given, but {type(prepared).__name__} has no adapter stacks; "
-                         "call miss_compile.stack_adapters(model) before export_onnx")
-    model_forward = type(prepared).forward
-
-    def forward(**named: Any) -> Any:
-        return model_forward(prepared, **named)
-
-    forward.__signature__ = inspect.Signature(
-        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in inputs])
-    prepared.forward = forward
-
-
-def _check_writable(path: Path) -> None:
-    """Fail before the (slow) export when `path` cannot be written."""
-    if path.is_dir():
-        raise IsADirectoryError(f"cannot export to {path}: it is a folder; pass a file path such as {path / 'model.onnx'}")
-    folder = path.parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise NotADirectoryError(f"cannot export to {path}: {folder} is a file, not a folder; choose another path")
-    if not os.access(folder, os.W_OK):
-        raise PermissionError(f"cannot export to {path}: {folder} is not writable; choose a writable folder")
-
-
-def _save_atomically(program: Any, path: Path, external_data: bool,
-                     check: Callable[[Path], None] | None = None) -> None:
-    """Check the staged file, then move it into place: a failure (validation included) leaves no
-    partial file and any earlier file at `path` as it was."""
-
-    def write(staged: Path) -> None:
-        program.model.ir_version = IR_VERSION
-        program.save(staged, external_data=external_data)
-        proto = onnx.load(str(staged), load_external_data=False)
-        if group_into_functions(proto):
-            onnx.save(proto, str(staged))  # external tensors keep pointing at the same data file
-        onnx.checker.check_model(str(staged))
-        if check is not None:
-            check(staged)
-
-    write_files_atomically(path, write)
-
-
-def export_onnx(
-    model: nn.Module,
-    args: tuple = (),
-    kwargs: dict[str, Any] | None = None,
-    path: str | os.PathLike = "model.onnx",
-    merged: bool = False,
-    opset: int = OPSET,
-    dynamic: bool = True,
-    dtype: torch.dtype | None = None,
-    external_data: bool | None = None,
-    validate: bool = True,
-) -> ExportResult:
-    """Export `model(*args, **kwargs)` to `path`; validates on onnxruntime unless validate=False.
-
-    external_data: None writes weights to `<path>.data` only past 2 GB (protobuf's limit).
-    """
-    if opset < OPSET:
-        raise ValueError(f"opset={opset}: the MiSS translations need opset >= {OPSET} (Pad with axes)")
-    start = time.perf_counter()
-    kwargs = dict(kwargs or {})
-    path = Path(path)
-    _check_writable(path)
-    if "adapter_names" in kwargs:
-        raise ValueError("export_onnx takes adapter_ids, not adapter_names: names would be traced into constant ids. "
-                         "Pass adapter_ids=miss_compile.adapter_ids_for(model, names)")
-    stacked = "adapter_ids" in kwargs
-    if stacked and merged:
-        raise ValueError("adapter_ids given with merged=True; each batch row has its own adapter, so a stacked "
-                         "export is unmerged: pass merged=False")
-    if stacked:
-        refresh_stacks(model)  # torch.export traces the stacks as they are: never a stale one
-    prepared = prepare(model, dtype)
-    if stacked:
-        kwargs, args = _named_inputs(prepared, args, kwargs), ()
-        _take_adapter_ids(prepared, kwargs)
-    args, kwargs = _cast_inputs(args, dtype), _cast_inputs(kwargs, dtype)
-    # The outputs to validate against come from the adapters as they run, before any merge: a
-    # merge that changed what it must not (a weight read elsewhere too) then fails validation.
-    expected = _expected_outputs(prepared, args, kwargs, dynamic) if validate else None
-    if merged and named_miss_layers(prepared):
-        fold_adapters(prepared)
-    size = sum(p.numel() * p.element_size() for p in prepared.parameters())
-    if external_data is None:
-        external_data = size > 2**31 - 2**26  # protobuf's 2 GB, with headroom for the graph
+def _trace(prepared: nn.Module, args: tuple, kwargs: dict[str, Any], opset: int, dynamic_shapes: Any,
+           external_data: bool, input_names: list[str] | None, output_names: list[str] | None) -> Any:
+    """torch.onnx.export (dynamo) with the MiSS translations, not yet optimized: blocks become graph
+    inputs first (_expose_blocks), so constant folding keeps them apart."""
     with warnings.catch_warnings():
         # The stacking hook hands adapter_ids to the layers as attributes: by design, not a lost buffer.
         warnings.filterwarnings("ignore", message=r"The tensor attributes .*adapter_ids")
-        program = torch.onnx.export(
+        return torch.onnx.export(
             prepared,
             args,
             verbose=False,
             kwargs=kwargs,
             dynamo=True,
             opset_version=opset,
-            dynamic_shapes=_dynamic_shapes(prepared, args, kwargs) if dynamic else None,
+            dynamic_shapes=dynamic_shapes,
             custom_translation_table=TRANSLATIONS,
-            optimize=False,  # blocks become graph inputs first, so constant folding keeps them apart
+            optimize=False,
             external_data=external_data,
+            input_names=input_names,
+            output_names=output_names,
         )
-    block_inputs = [] if merged else _expose_blocks(program)
-    with _quiet("onnx_ir.passes.common.initializer_deduplication"):  # blocks stay apart by design
-        program.optimize()
-    errors: list[float] = []
-
-    def check(staged: Path) -> None:
-        if validate:
-            from .validate import validate_export
-
-            errors.extend(validate_export(prepared, staged, args, kwargs, dynamic, expected))
-
-    _save_atomically(program, path, external_data, check)
-    result = ExportResult(
-        path=path,
-        merged=merged,
-        nodes=len(program.model.graph),
-        bytes=path.stat().st_size + sum(f.stat().st_size for f in path.parent.glob(path.name + ".data")),
-        seconds=time.perf_counter() - start,
-        block_inputs=block_inputs,
-    )
-    if errors:
-        result.max_abs_error, result.max_rel_error = errors
-    result.seconds = time.perf_counter() - start
-    logger.info("%s", result)
-    return result
 
 
-def _expected_outputs(prepared: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> list:
-    from .validate import expected_outputs
+def _expose_blocks(graph: ir.Graph) -> list[str]:
+    """Make every MiSS block and stack an overridable initializer (graph input with a default);
+    a stack's first dim (how many adapters) becomes symbolic."""
+    names = [name for name in graph.initializers if is_overridable_input(name)]
+    for name in names:
+        value = graph.initializers[name]
+        if is_stack_input(name):
+            value.shape = ir.Shape(["adapters", *value.shape[1:]])
+        graph.inputs.append(value)
+    return names
 
-    return expected_outputs(prepared, args, kwargs, dynamic)
+
+def _output_names(spec: Any, prefix: str = "") -> list[str | None]:
+    """Names for the leaves of an output pytree spec: keys of dicts / ModelOutputs joined by '.',
+    positions of sequences inside them; None for leaves not under a key (a plain tuple output)."""
+    if spec.is_leaf():
+        return [prefix or None]
+    children = spec.children()
+    keys = spec.context if isinstance(spec.context, list) and len(spec.context) == len(children) else None
+    if keys is None or not all(isinstance(key, str) for key in keys):
+        keys = [str(index) for index in range(len(children))] if prefix else [""] * len(children)
+    names: list[str | None] = []
+    for key, child in zip(keys, children, strict=True):
+        names += _output_names(child, f"{prefix}.{key}" if prefix and key else key)
+    return names
+
+
+def _name_outputs(program: Any) -> None:
+    """Graph outputs take the model's output names (`logits`, `last_hidden_state`, ...) where it returns
+    a dict or ModelOutput; a plain tuple's outputs keep the exporter's names."""
+    graph = program.model.graph
+    names = _output_names(program.exported_program.call_spec.out_spec)
+    if len(names) != len(graph.outputs):  # a leaf that is not a tensor (None, int): positions unknown
+        return
+    taken = set(ir.convenience.create_value_mapping(graph))
+    renamed: set[ir.Value] = set()
+    for value, name in zip(graph.outputs, names, strict=True):
+        if name and name not in taken and value not in renamed and not value.is_graph_input() \
+                and not value.is_initializer():
+            value.name = name
+            taken.add(name)
+            renamed.add(value)
+
+
+def _finish(onnx_model: ir.Model, properties: dict[str, str]) -> None:
+    """Local functions, provenance and the IR version onnxruntime takes; then onnx's checker."""
+    group_into_functions(onnx_model)
+    onnx_model.metadata_props.update(properties)
+    onnx_model.ir_version = IR_VERSION
+    ir.passes.common.CheckerPass()(onnx_model)
 
 
 @contextlib.contextmanager
@@ -299,13 +359,3 @@ def _quiet(logger_name: str) -> Iterator[None]:
         yield
     finally:
         quieted.setLevel(level)
-
-
-def _cast_inputs(values: Any, dtype: torch.dtype | None) -> Any:
-    if dtype is None:
-        return values
-    cast = lambda v: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
-    if isinstance(values, dict):
-        return {k: cast(v) for k, v in values.items()}
-    return tuple(cast(v) for v in values)
-

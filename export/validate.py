@@ -1,8 +1,17 @@
-"""Validation of an export: onnxruntime (CPU) against PyTorch on the example inputs and one other size."""
+"""Validation of an export: onnxruntime (CPU) against PyTorch on the example inputs, padded batches
+(when an attention mask is an input), another size (dynamic exports) and any inputs the caller adds.
+
+Only the positions the case's attention mask keeps are compared (padded positions mean nothing):
+an output [batch, ...] is masked along its first axis after batch whose size is the mask's length;
+when no axis has that length and the output's sequence axis (dim 1 of a 3-D or larger output) is
+shorter than the mask (a KV-cache step: the mask covers past + current), along that axis with the
+mask's last columns. Other outputs (pooled rows, outputs without a batch axis) are compared whole.
+"""
 
 from __future__ import annotations
 
-import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,73 +19,101 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from .onnx import _dynamic_dims
+from .inputs import attention_mask, feeds, padded, resized
 from .runtime import load_session
 
-__all__ = ["validate_export", "expected_outputs", "other_size"]
+__all__ = ["validate_export", "expected_outputs", "validation_cases", "kept_positions", "Case", "TOLERANCE"]
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
-def other_size(value: Any, name: str = "") -> Any:
-    """The same input one batch row and two positions longer (ids stay in range, masks stay ones)."""
-    if not isinstance(value, torch.Tensor) or value.dim() == 0:
-        return value
-    shape = list(value.shape)
-    for dim in _dynamic_dims(value, name):  # batch and sequence; a float input's features stay
-        shape[dim] += 1 if dim == 0 else 2
-    generator = torch.Generator().manual_seed(7)
-    if "mask" in name:
-        return torch.ones(shape, dtype=value.dtype)
-    if value.is_floating_point():
-        return torch.randn(shape, generator=generator).to(value.dtype)
-    return torch.randint(0, int(value.max()) + 1, shape, generator=generator, dtype=value.dtype)
+@dataclass(frozen=True)
+class Case:
+    """One set of inputs validation runs; `mask`: its attention mask [batch, length], if any."""
+
+    what: str
+    args: tuple
+    kwargs: dict[str, Any]
+    mask: torch.Tensor | None = None
 
 
-def _feeds(model: nn.Module, args: tuple, kwargs: dict, input_names: list[str]) -> dict[str, torch.Tensor]:
-    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
-    return {name: value for name, value in bound.items() if name in input_names}
-
-
-def _cases(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> list[tuple[tuple, dict]]:
-    """The example inputs and, for a dynamic export, the same inputs at another size."""
-    cases = [(args, kwargs)]
-    if dynamic:
-        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
-        cases.append(((), {name: other_size(value, name) for name, value in bound.items()}))
-    return cases
+def validation_cases(model: nn.Module, args: tuple, kwargs: Mapping[str, Any], other_size: bool,
+                     extra: Sequence[Mapping[str, Any]] = ()) -> list[Case]:
+    """The example; with a mask, the same batch left- and right-padded (rows of different real lengths);
+    with `other_size`, the inputs one row and two positions longer; then each of `extra` (kwargs)."""
+    kwargs = dict(kwargs)
+    found = [("the example", (args, kwargs))]
+    found += [(f"a {side}-padded batch", padded(model, args, kwargs, side)) for side in ("left", "right")]
+    if other_size:
+        found.append(("another size", resized(model, args, kwargs)))
+    found += [(f"validation input {i}", ((), dict(inputs))) for i, inputs in enumerate(extra)]
+    return [Case(what, case_args, case_kwargs, attention_mask(model, case_args, case_kwargs))
+            for what, inputs in found if inputs is not None for case_args, case_kwargs in [inputs]]
 
 
 @torch.no_grad()
-def expected_outputs(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> list[list[torch.Tensor]]:
-    """PyTorch's outputs for each validation case. The exporter takes them before it merges, so a
-    merged graph is checked against the adapters as they run, not against its own merged weights."""
-    return [[t for t in tree_leaves(model(*case_args, **case_kwargs)) if isinstance(t, torch.Tensor)]
-            for case_args, case_kwargs in _cases(model, args, kwargs, dynamic)]
+def expected_outputs(model: nn.Module, cases: Sequence[Case]) -> list[list[torch.Tensor]]:
+    """PyTorch's outputs for each case. The exporter takes them before it merges, so a merged graph is
+    checked against the adapters as they run, not against its own merged weights."""
+    return [[t for t in tree_leaves(model(*case.args, **case.kwargs)) if isinstance(t, torch.Tensor)]
+            for case in cases]
 
 
-def validate_export(model: nn.Module, path: Path, args: tuple, kwargs: dict, dynamic: bool,
+def kept_positions(output: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Bool, broadcastable to `output`: the elements at positions `mask` keeps (see the module's rule);
+    None when every element is compared."""
+    if mask is None or output.dim() < 2 or output.shape[0] != mask.shape[0]:
+        return None
+    batch, length = mask.shape
+    keep = mask != 0
+    axis = next((axis for axis in range(1, output.dim()) if output.shape[axis] == length), None)
+    if axis is None:
+        if output.dim() < 3 or output.shape[1] > length:
+            return None
+        axis, keep = 1, keep[:, length - output.shape[1]:]
+    shape = [batch] + [1] * (output.dim() - 1)
+    shape[axis] = output.shape[axis]
+    return keep.reshape(shape)
+
+
+def _errors(got: torch.Tensor, want: torch.Tensor, keep: torch.Tensor | None) -> tuple[float, float]:
+    """Largest abs and rel error over the kept elements; a NaN on one side only counts as infinite."""
+    got, want = got.float(), want.float()
+    difference = (got - want).abs()
+    difference = torch.where(got.isnan() & want.isnan(), 0.0, difference.nan_to_num(nan=float("inf")))
+    magnitude = want.abs().nan_to_num(nan=0.0)
+    if keep is not None:
+        keep = keep.expand_as(difference)
+        difference, magnitude = difference[keep], magnitude[keep]
+    if difference.numel() == 0:
+        return 0.0, 0.0
+    error = difference.max().item()
+    return error, error / max(magnitude.max().item(), 1e-6)
+
+
+def validate_export(model: nn.Module, path: Path, cases: Sequence[Case],
                     expected: list[list[torch.Tensor]] | None = None) -> tuple[float, float]:
-    """Largest abs and rel error over every output and input size; raises past the dtype's tolerance.
+    """Largest abs and rel error over every output and case; raises past the dtype's tolerance.
     expected: from expected_outputs (default: `model`'s outputs now)."""
     session = load_session(path, device="cpu")
-    cases = _cases(model, args, kwargs, dynamic)
     if expected is None:
-        expected = expected_outputs(model, args, kwargs, dynamic)
+        expected = expected_outputs(model, cases)
     worst_abs, worst_rel = 0.0, 0.0
-    for (case_args, case_kwargs), wanted in zip(cases, expected, strict=True):
-        actual = session.run(_feeds(model, case_args, case_kwargs, session.input_names))
+    for case, wanted in zip(cases, expected, strict=True):
+        actual = session.run(feeds(session.input_names, case.args, case.kwargs))
         if len(actual) != len(wanted):
             raise ValueError(f"{path}: onnxruntime returned {len(actual)} outputs, torch {len(wanted)}")
         for name, got, want in zip(session.output_names, actual, wanted, strict=True):
-            error = (got.float() - want.float()).abs().max().item()
-            relative = error / max(want.float().abs().max().item(), 1e-6)
+            if tuple(got.shape) != tuple(want.shape):
+                raise ValueError(f"{path}: output {name!r} on {case.what} has shape {tuple(got.shape)} in onnxruntime "
+                                 f"and {tuple(want.shape)} in torch; the export is wrong, not saved")
+            error, relative = _errors(got, want, kept_positions(want, case.mask))
             tolerance = TOLERANCE.get(want.dtype, 1e-4)
-            shape = tuple(want.shape)
             if error > tolerance and relative > tolerance:
                 raise ValueError(
-                    f"{path}: output {name!r} {shape} differs from torch by {error:.3g} (relative {relative:.3g}), "
-                    f"beyond {tolerance:g}; the export is wrong, not saved. Report it with the model config."
+                    f"{path}: output {name!r} {tuple(want.shape)} on {case.what} differs from torch by {error:.3g} "
+                    f"(relative {relative:.3g}), beyond {tolerance:g}; the export is wrong, not saved. Report it "
+                    "with the model config."
                 )
             worst_abs, worst_rel = max(worst_abs, error), max(worst_rel, relative)
     return worst_abs, worst_rel
