@@ -14,21 +14,17 @@ from torch import nn
 
 from miss_compile.checkpoint import read_adapter
 from miss_compile.files import write_atomically
-from miss_compile.peft_compat import layers_with, model_root, named_miss_layers
+from miss_compile.peft_compat import model_root, named_miss_layers
 from miss_compile.saved_modules import saved_tensors
 from miss_compile.stacked import refresh_stacks, stacked_layers
 
 from .names import block_input_name, is_block_input, is_stack_input, split_block_input, stack_input_name
 
 __all__ = ["write_onnx_adapter", "write_onnx_stack", "adapter_parameters", "stack_parameters",
-           "read_onnx_adapter", "signature", "adapter_fit_problems", "NO_BLOCKS"]
+           "read_onnx_adapter", "signature", "adapter_fit_problems"]
 
 _ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
                   onnx.TensorProto.DOUBLE: np.float64}
-
-# Why an adapter file cannot apply to a graph without overridable inputs (write_onnx_adapter, sessions).
-NO_BLOCKS = ("has no overridable blocks: it is a merged export (adapters folded into its weights) or has no "
-             "MiSS layers; adapter files need a graph exported with merged=False (miss-export --unmerged)")
 
 # name -> (shape, dtype); a str (or None) dim is symbolic and fits any size; dtype None: not checked.
 Signature = dict[str, tuple[tuple, object]]
@@ -40,7 +36,7 @@ def adapter_parameters(adapter: str | os.PathLike | nn.Module, adapter_name: str
     named `<module>.miss_block.<as_name>` (default: adapter_name), the name the graph was exported with."""
     graph_name = adapter_name if as_name is None else as_name
     if isinstance(adapter, nn.Module):
-        layers = layers_with(adapter, adapter_name)
+        layers = {n: layer for n, layer in named_miss_layers(adapter).items() if adapter_name in layer.miss_block}
         if not layers:
             raise ValueError(f"the model has no adapter named {adapter_name!r}")
         heads = saved_tensors(model_root(adapter), adapter_name)
@@ -161,8 +157,7 @@ def _naming_hints(extra: list[str], missing: list[str]) -> list[str]:
         file_names = sorted({written[m] for m in shared})
         graph_names = sorted({exported[m] for m in shared})
         hints.append(f"the file was written for adapter name(s) {file_names} while the graph was exported with "
-                     f"{graph_names}: write it again with write_onnx_adapter(..., as_name={graph_names[0]!r}), or export "
-                     f"the graph with the file's name (miss-export --adapter-name {file_names[0]})")
+                     f"{graph_names}: write it again with write_onnx_adapter(..., as_name={graph_names[0]!r})")
     if any(is_stack_input(n) for n in extra) and any(is_block_input(n) for n in missing):
         hints.append("the file holds adapter stacks (write_onnx_stack) but the graph has one block per layer: "
                      "use write_onnx_adapter for this graph, or export with adapter_ids for stacks")
@@ -177,8 +172,6 @@ def _write(parameters: dict[str, torch.Tensor], path: str | os.PathLike, model_p
         expected = {name: (tuple(block.shape), np.float32) for name, block in parameters.items()}
     else:
         expected = _graph_blocks(Path(model_path))
-        if not expected:
-            raise ValueError(f"{model_path} {NO_BLOCKS}")
     graph = {name: (shape, None) for name, (shape, _) in expected.items()}  # dtypes follow the graph: cast below
     signature = {name: (tuple(block.shape), None) for name, block in parameters.items()}
     problems = adapter_fit_problems(signature, _free_stack_dims(graph))
