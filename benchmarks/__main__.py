@@ -12,10 +12,10 @@ import torch
 
 from miss_compile.files import write_text_atomically
 
-from . import compile_time, layer, onnx_runtime, report, training
+from . import compile_time, generation, layer, onnx_runtime, report, training
 from .machine import describe
 
-TABLES = ("layer", "training", "compile", "onnx", "mixed")
+TABLES = ("layer", "training", "compile", "onnx", "mixed", "generation")
 
 COLUMNS = {
     "layer": (("dtype", "input", "shape"), ("contender", "ms", "ratio")),
@@ -23,6 +23,7 @@ COLUMNS = {
     "compile": (("model", "cache", "rounds"), ("contender", "s", "ratio")),
     "onnxruntime": (("provider", "input"), ("contender", "ms", "ratio")),
     "mixed": (("setting",), ("contender", "ms", "ratio")),
+    "generation": (("provider", "input"), ("contender", "first_token_ms", "decode_ms", "tokens_per_s", "total_ms", "ratio")),
 }
 
 
@@ -35,6 +36,8 @@ def _run_table(name: str, args: argparse.Namespace) -> list[dict]:
         return compile_time.run(args.quick, args.device, rounds=args.compile_rounds)
     if name == "onnx":
         return onnx_runtime.run(args.quick, args.device, args.repeats)
+    if name == "generation":
+        return generation.run(args.quick, args.device, args.repeats)
     from . import mixed_adapters
 
     return mixed_adapters.run(args.quick, args.device, args.repeats)
@@ -84,7 +87,7 @@ def _run(args: argparse.Namespace) -> list[str]:
         text = f"## {name} ({time.perf_counter() - table_started:.0f} s)\n\n" + report.table(new_rows, group_by, columns)
         print(text, flush=True)
         lines.append(text)
-    text = "## targets\n\n" + report.targets_table(report.targets(rows))
+    text = "## targets\n\n" + report.targets_table(report.targets(rows) + generation.targets(rows))
     text += f"\n\n(all tables: {time.perf_counter() - started:.0f} s)\n"
     print(text, flush=True)
     lines.append(text)
