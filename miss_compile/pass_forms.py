@@ -23,7 +23,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = [
-    "NoMatch", "bind", "val", "same", "same_shape", "is_call", "describe", "linear_operands", "add_operands",
+    "NoMatch", "attribute", "bind", "val", "same", "same_shape", "is_call", "describe", "linear_operands", "add_operands",
     "matmul_operands", "chunk_sum_operands", "reshape_source", "permute_dims", "repeat_operands",
     "pad_operands", "dropout_operands", "cast_source", "lossless", "may_mutate", "is_param", "single_user",
     "lossless_root", "check_no_writes",
@@ -58,6 +58,13 @@ def is_call(node: object, targets: tuple, method: str | None = None) -> bool:
     if node.op == "call_function" and node.target in targets:
         return True
     return method is not None and node.op == "call_method" and node.target == method
+
+
+def attribute(owner: object, path: str) -> object:
+    """What a get_attr node's dotted target names on `owner` (a GraphModule); None when absent."""
+    for name in path.split("."):
+        owner = getattr(owner, name, None)
+    return owner
 
 
 def describe(node: object) -> str:

@@ -31,6 +31,7 @@ from . import ops, reference  # noqa: F401  (ops registers torch.ops.miss)
 from .pass_forms import (
     NoMatch,
     add_operands,
+    attribute,
     bind,
     cast_source,
     check_no_writes,
@@ -185,7 +186,7 @@ def _match_chunk_term(term: fx.Node, x: fx.Node, out_features: int) -> tuple[fx.
             raise NoMatch("the block is repeated other than along out_features")
         nodes.append(block)
         block = base
-    elif not _same_width(block, out_features):
+    elif not _is_balance_block(block, out_features):
         raise NoMatch(f"block {describe(block)} is not [r, out={out_features}]")
     if not is_param(block):
         raise NoMatch("the right-hand side is not a parameter")
@@ -210,9 +211,10 @@ def _match_chunk_term(term: fx.Node, x: fx.Node, out_features: int) -> tuple[fx.
     return adapter_input, block, nodes + path, inexact
 
 
-def _same_width(block: object, out_features: int) -> bool:
+def _is_balance_block(block: object, out_features: int) -> bool:
     block_val = val(block)
-    return block_val is not None and block_val.dim() == 2 and same(block_val.shape[1], out_features)
+    return (block_val is not None and block_val.dim() == 2
+            and reference.block_variant(block_val.shape, out_features) == "balance")
 
 
 def _same_shape_of(value: torch.Tensor, shape: tuple) -> bool:
@@ -325,10 +327,8 @@ def _match_bat_linear(linear: fx.Node) -> _Match:
 
 
 def _variants(match: _Match) -> list[str]:
-    if match.kind == "bat":
-        return ["bat"] * len(match.blocks)
     out_features = val(match.weight).shape[0]
-    return ["balance" if same(val(b).shape[1], out_features) else "mini" for b in match.blocks]
+    return [reference.block_variant(val(block).shape, out_features) for block in match.blocks]
 
 
 def _insert(graph: fx.Graph, anchor: fx.Node, result: fx.Node, target: object, args: tuple) -> fx.Node:
@@ -461,7 +461,7 @@ def _rewrite_bodies(graph: fx.Graph, node: fx.Node, merge: bool, report: PassRep
     for arg in node.all_input_nodes:
         if arg.op != "get_attr":
             continue
-        body = _attribute(owner, arg.target)
+        body = attribute(owner, arg.target)
         if isinstance(body, torch.Tensor):
             continue  # a parameter or buffer the body reads (freezing makes them attributes): data
         if not isinstance(body, fx.GraphModule):
@@ -472,12 +472,6 @@ def _rewrite_bodies(graph: fx.Graph, node: fx.Node, merge: bool, report: PassRep
         seen.add(id(body))
         _rewrite_graph(body.graph, merge, report, seen)
         body.recompile()
-
-
-def _attribute(owner: object, path: str) -> object:
-    for name in path.split("."):
-        owner = getattr(owner, name, None)
-    return owner
 
 
 def rewrite_miss_linears(graph: fx.Graph, merge: bool = False) -> PassReport:
