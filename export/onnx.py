@@ -112,6 +112,8 @@ def export_onnx(
     path, kwargs = Path(path), dict(kwargs or {})
     _check_request(path, opset, kwargs, merged, metadata)
     prepared, args, kwargs = _prepare_with_inputs(model, args, kwargs, dtype)
+    _check_names("input_names", input_names, len(inputs.graph_input_leaves(args, kwargs)), "tensors in args and kwargs")
+    _check_names("output_names", output_names, None, "outputs")
     extra = [inputs.cast_inputs(dict(case), dtype) for case in validation_inputs]
     cases = validation.validation_cases(prepared, args, kwargs, dynamic and dynamic_shapes is None, extra) if validate else []
     # The outputs to validate against come from the adapters as they run, before any merge: a
@@ -125,6 +127,7 @@ def export_onnx(
     if dynamic_shapes is None and dynamic:
         dynamic_shapes = inputs.dynamic_shapes(prepared, args, kwargs)
     program = _trace(prepared, args, kwargs, opset, dynamic_shapes, external_data, input_names, output_names)
+    _check_names("output_names", output_names, len(program.model.graph.outputs), "outputs of the traced graph")
     block_inputs = [] if merged else _expose_blocks(program.model.graph)
     with _quiet("onnx_ir.passes.common.initializer_deduplication"):  # blocks stay apart by design
         program.optimize()
@@ -174,6 +177,14 @@ def _check_request(path: Path, opset: int, kwargs: dict[str, Any], merged: bool,
         if key.startswith(METADATA_PREFIX):
             raise ValueError(f"metadata key {key!r}: keys starting {METADATA_PREFIX!r} are the export's provenance; "
                              "choose another key")
+
+
+def _check_names(what: str, names: list[str] | None, count: int | None, counted: str) -> None:
+    """One distinct name per graph input or output (count None: not known yet, distinct only)."""
+    if names is None or (len(set(names)) == len(names) and count in (None, len(names))):
+        return
+    raise ValueError(f"{what} has {len(names)} names ({len(set(names))} distinct) for {count or 'its'} {counted}; "
+                     f"give one distinct name each, in order (lists flattened), or leave {what} out")
 
 
 def _check_writable(path: Path) -> None:

@@ -201,3 +201,15 @@ def test_metadata_refusals(tmp_path, metadata, error):
         export_onnx(Doubler(), kwargs={"x": torch.randn(2, 4, 3), "attention_mask": torch.ones(2, 4)},
                     path=tmp_path / "d.onnx", metadata=metadata)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("names,error", [
+    (dict(input_names=["input_ids", "attention_mask", "position_ids"]), r"input_names has 3 names \(3 distinct\) for 5 tensors"),
+    (dict(output_names=["logits", "logits", "present.1.key"]), r"output_names has 3 names \(2 distinct\) for its outputs"),
+    (dict(output_names=["logits"]), r"output_names has 1 names \(1 distinct\) for 3 outputs of the traced graph"),
+])
+def test_names_that_do_not_fit_are_refused(tmp_path, names, error):
+    with pytest.raises(ValueError, match=error):
+        export_onnx(CacheStep(), kwargs=cache_inputs(2, 3, 4), path=tmp_path / "step.onnx", dynamic_shapes=CACHE_SHAPES,
+                    **names)
+    assert not list(tmp_path.iterdir())
