@@ -124,7 +124,7 @@ def export_genai_folder(
         written.update(_write_folder(model, staged, merged, graph_adapter, sources, expected, tokenizer_folder,
                                      context_length, dtype, device, model_type))
         if check:
-            _check_folder(staged, written["config"], written["adapters"])
+            _check_folder(staged, written["config"], written["adapters"], model, graph_adapter, dtype)
 
     write_files_atomically(out_dir, write)
     folder = GenaiFolder(path=out_dir, merged=merged, config=written["config"],
@@ -366,9 +366,11 @@ def genai_config(lm: nn.Module, graph: onnx.GraphProto, model_type: str = "decod
     }
 
 
-def _check_folder(folder: Path, config: dict[str, Any], adapters: list[str]) -> None:
-    """Open the staged folder as a server would and run one prefill per adapter: logits for every prompt
-    position, finite. Skipped, with a warning, where onnxruntime-genai is not installed."""
+def _check_folder(folder: Path, config: dict[str, Any], adapters: list[str], model: nn.Module,
+                  graph_adapter: str | None, dtype: torch.dtype | None) -> None:
+    """Open the staged folder as a server would and run one prefill without an adapter and one per adapter
+    file: logits for every prompt position, finite, and (the exported adapter's, or the merged graph's)
+    equal to the model's in torch. Skipped, with a warning, where onnxruntime-genai is not installed."""
     try:
         import onnxruntime_genai as og
     except ImportError:
@@ -381,19 +383,34 @@ def _check_folder(folder: Path, config: dict[str, Any], adapters: list[str]) -> 
     specials |= set(eos) if isinstance(eos, list) else {eos}
     vocab = config["model"]["vocab_size"]
     prompt = [token for token in range(vocab) if token not in specials][:4]  # pad ids would read as padding
-    model = og.Model(str(folder))
-    loaded = og.Adapters(model) if adapters else None
+    device, training = next(model.parameters()).device, model.training
+    with torch.no_grad():
+        model.eval()  # what the export saw (its copy is in eval mode): no dropout
+        try:
+            expected = model(input_ids=torch.tensor([prompt], device=device), use_cache=False).logits
+        finally:
+            model.train(training)
+    expected = expected.float().cpu().numpy()
+    precision = dtype or next(model.parameters()).dtype
+    tolerance = (1e-4 if precision == torch.float32 else 5e-2) * max(1.0, float(np.abs(expected).max()))
+    genai_model = og.Model(str(folder))
+    loaded = og.Adapters(genai_model) if adapters else None
     for name in adapters:
         loaded.load(str(folder / "adapters" / f"{name}{ADAPTER_SUFFIX}"), name)
-    for name in adapters or [None]:
-        params = og.GeneratorParams(model)
+    for name in [None, *adapters]:
+        params = og.GeneratorParams(genai_model)
         params.set_search_options(max_length=len(prompt) + 1, do_sample=False)
-        generator = og.Generator(model, params)
+        generator = og.Generator(genai_model, params)
         if name is not None:
             generator.set_active_adapter(loaded, name)
         generator.append_tokens(prompt)
         logits = generator.get_output("logits")
-        if logits.shape != (1, len(prompt), vocab) or not np.isfinite(logits).all():
+        if logits.shape != expected.shape or not np.isfinite(logits).all():
             raise RuntimeError(f"export_genai_folder: onnxruntime-genai ran the folder with adapter {name!r} and got "
-                               f"logits of shape {logits.shape} (expected (1, {len(prompt)}, {vocab}), all finite)")
+                               f"logits of shape {logits.shape} (expected {expected.shape}, all finite)")
+        error = float(np.abs(logits.astype(np.float32) - expected).max())
+        if name in (None, graph_adapter) and error > tolerance:
+            raise RuntimeError(f"export_genai_folder: onnxruntime-genai's logits with adapter {name!r} differ from "
+                               f"torch's by {error:.3e} (tolerance {tolerance:.1e}); the genai_config.json does not "
+                               "describe the graph: report this as a bug")
         del generator

@@ -31,6 +31,7 @@ ADAPTED = {  # arch -> (MissConfig, PEFT's or ours)
     "llama": (MissConfig(r=3, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]), "peft"),
     "qwen2": (MissConfig(r=4, variant="mini", mini_r=8, target_modules=["q_proj", "v_proj", "up_proj"]), "peft"),
     "gpt2": (MissConfig(r=8, variant="bat", target_modules=["c_attn", "c_fc", "c_proj"]), "ours"),
+    "mistral": (MissConfig(r=3, target_modules=["q_proj", "v_proj", "gate_proj"]), "peft"),
 }
 
 
@@ -140,6 +141,32 @@ def test_folder_layout_and_config(exported):
     assert config["search"]["max_length"] == lm.config.max_position_embeddings
 
 
+def char_tokenizer(folder) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE over 64 characters (genai's tokenizer reads BPE; it does not read WordLevel)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    chars = [chr(c) for r in ("az", "AZ", "09") for c in range(ord(r[0]), ord(r[1]) + 1)] + ["\u0120", "!"]
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=chars[EOS])
+    fast.save_pretrained(folder)
+    return fast
+
+
+@pytest.mark.slow
+def test_mistral_folder_with_the_base_tokenizer(tmp_path):
+    model = adapted("mistral", seed=2)
+    tokenizer = char_tokenizer(tmp_path / "base")
+    folder = export_genai_folder(model, tmp_path / "out", tokenizer_from=tmp_path / "base")
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(folder.tokenizer_files)
+    assert all((folder.path / name).is_file() for name in folder.tokenizer_files)
+    text = "hello World 42"  # no 'c': the eos and pad id
+    ids = torch.tensor([tokenizer.encode(text), tokenizer.encode("abdefghij KLMN")])
+    assert list(og.Tokenizer(og.Model(str(folder.path))).encode(text)) == ids[0].tolist()
+    assert genai_tokens(folder.path, ids) == expected_tokens(model, ids)
+
+
 def test_genai_architectures_are_the_tested_ones():
     assert sorted(GENAI_ARCHITECTURES) == ["gpt2", "llama", "mistral", "qwen2"]
 
@@ -203,3 +230,17 @@ def test_a_folder_in_use_is_not_overwritten(tmp_path):
     with pytest.raises(FileExistsError, match="exists and is not empty"):
         export_genai_folder(adapted("llama", 2), tmp_path / "out")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.slow
+def test_a_folder_genai_does_not_run_as_torch_is_not_written(tmp_path, monkeypatch):
+    """The final check opens the staged folder in genai and compares its logits with torch's: a graph of
+    other blocks (standing in for any config that misdescribes the graph) fails it, and nothing is written."""
+    import miss_compile.export.causal_lm as causal_lm
+
+    export = causal_lm.export_causal_lm
+    monkeypatch.setattr(causal_lm, "export_causal_lm",
+                        lambda model, path, **kwargs: export(adapted("llama", seed=11), path, **kwargs))
+    with pytest.raises(RuntimeError, match=r"onnxruntime-genai's logits with adapter None differ from torch's by"):
+        export_genai_folder(adapted("llama", seed=2), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
