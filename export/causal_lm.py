@@ -80,7 +80,7 @@ def _refuse_non_causal(root: nn.Module) -> None:
     takes_cache = "cache" in inspect.signature(root.forward).parameters
     if not can_generate or not takes_cache or getattr(config, "is_encoder_decoder", False):
         raise ValueError(
-            f"with_past=True: {type(root).__name__} is not a decoder-only causal LM with a KV cache (an encoder, or a "
+            f"export_causal_lm (with_past=True): {type(root).__name__} is not a decoder-only causal LM with a KV cache (an encoder, or a "
             "model without transformers' `cache` argument); supported are transformers *ForCausalLM / *LMHeadModel "
             "decoders on DynamicCache (Llama, Qwen2, Mistral, GPT-2 and alike). Export it without with_past")
 
@@ -95,7 +95,7 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     root(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), cache=cache, use_cache=True)
     if not cache.layers or any(type(layer) is not DynamicLayer or layer.keys is None or layer.keys.dim() != 4
                                for layer in cache.layers):
-        raise ValueError(f"with_past=True: {type(root).__name__} keeps a cache that is not one key and value "
+        raise ValueError(f"export_causal_lm (with_past=True): {type(root).__name__} keeps a cache that is not one key and value "
                          f"[batch, kv_heads, length, head_dim] per layer ({[type(layer).__name__ for layer in cache.layers]}); "
                          "supported are decoders on transformers' DynamicCache (Llama, Qwen2, Mistral, GPT-2, ...)")
     keys = cache.layers[0].keys

@@ -12,16 +12,10 @@ import pytest
 import torch
 from helpers import VOCAB, build, randomize_blocks
 
-from miss_compile import (
-    MissConfig,
-    adapter_ids_for,
-    adapters_disabled,
-    apply_miss,
-    set_active_adapters,
-    stack_adapters,
-)
+from miss_compile import MissConfig, adapters_disabled, apply_miss, set_active_adapters
 from miss_compile.export import export_causal_lm, export_onnx, load_session, write_onnx_adapter
 from miss_compile.export.causal_lm import past_name, positions_from_mask, present_name
+from miss_compile.stacked import adapter_ids_for, stack_adapters
 
 NEW_TOKENS = 24
 EOS, PAD = 2, 0
@@ -148,11 +142,23 @@ def test_refuses_an_encoder_before_writing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_sampling_is_refused_by_name(exported):
+def test_io_binding_generates_the_same_tokens(exported):
+    """The IO-binding path (every CUDA session; here on the CPU): the presents are fed back as bound tensors."""
+    path, model, _ = exported("llama", False)
+    ids, mask = prompts([7, 4, 2])
+    got = load_session(path, device="cpu", io_binding=True).generate(
+        ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=EOS, pad_token_id=PAD)
+    assert torch.equal(got, reference(model, ids, mask))
+
+
+def test_sampling_and_right_padding_are_refused_by_name(exported):
     path, _, _ = exported("llama", True)
-    ids, mask = prompts([3])
+    session = load_session(path, device="cpu")
+    ids, mask = prompts([3, 2])
     with pytest.raises(NotImplementedError, match="greedy.*onnxruntime-genai"):
-        load_session(path, device="cpu").generate(ids, attention_mask=mask, do_sample=True)
+        session.generate(ids, attention_mask=mask, do_sample=True)
+    with pytest.raises(ValueError, match="a prompt ends with padding.*padding_side = 'left'"):
+        session.generate(ids, attention_mask=mask.flip(-1))
 
 
 @pytest.mark.slow
