@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 __all__ = ["bound_inputs", "named_inputs", "dynamic_dims", "dynamic_shapes", "graph_input_leaves", "feeds",
-           "other_size", "resized", "padded", "attention_mask", "cast_inputs", "MASK"]
+           "other_size", "resized", "padded", "attention_mask", "cast_inputs", "text_inputs", "MASK"]
 
 MASK = "attention_mask"  # the input whose zeros mark padding: validation compares only the positions it keeps
 
@@ -121,6 +121,21 @@ def padded(model: nn.Module, args: tuple, kwargs: Mapping[str, Any], side: str) 
     keep = position >= length - real if side == "left" else position < real
     padded_mask = torch.where(keep, torch.ones_like(mask), torch.zeros_like(mask))
     return _map_named(model, args, kwargs, lambda name, value: padded_mask if name == MASK else value)
+
+
+def text_inputs(model: nn.Module, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Example inputs of a transformers text model: random `input_ids` [batch, seq], and the inputs its
+    forward takes that padded batches need: `attention_mask` (ones), and `token_type_ids` (zeros) where
+    the config has more than one token type (BERT-like); the graph then takes them too."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    takes = inspect.signature(model.forward).parameters
+    inputs = {"input_ids": ids}
+    if MASK in takes:
+        inputs[MASK] = torch.ones_like(ids)
+    if "token_type_ids" in takes and getattr(getattr(model, "config", None), "type_vocab_size", 0) > 1:
+        inputs["token_type_ids"] = torch.zeros_like(ids)
+    return inputs
 
 
 def cast_inputs(values: Any, dtype: torch.dtype | None) -> Any:

@@ -37,18 +37,18 @@ class Case:
     mask: torch.Tensor | None = None
 
 
-def validation_cases(model: nn.Module, args: tuple, kwargs: Mapping[str, Any], other_size: bool,
+def validation_cases(model: nn.Module, args: tuple, kwargs: Mapping[str, Any], resize: bool,
                      extra: Sequence[Mapping[str, Any]] = ()) -> list[Case]:
     """The example; with a mask, the same batch left- and right-padded (rows of different real lengths);
-    with `other_size`, the inputs one row and two positions longer; then each of `extra` (kwargs)."""
-    kwargs = dict(kwargs)
-    found = [("the example", (args, kwargs))]
-    found += [(f"a {side}-padded batch", padded(model, args, kwargs, side)) for side in ("left", "right")]
-    if other_size:
-        found.append(("another size", resized(model, args, kwargs)))
-    found += [(f"validation input {i}", ((), dict(inputs))) for i, inputs in enumerate(extra)]
-    return [Case(what, case_args, case_kwargs, attention_mask(model, case_args, case_kwargs))
-            for what, inputs in found if inputs is not None for case_args, case_kwargs in [inputs]]
+    with `resize`, the inputs one row and two positions longer; then each of `extra` (kwargs)."""
+    found: dict[str, tuple[tuple, dict[str, Any]] | None] = {"the example": (args, dict(kwargs))}
+    for side in ("left", "right"):
+        found[f"a {side}-padded batch"] = padded(model, args, kwargs, side)
+    if resize:
+        found["another size"] = resized(model, args, kwargs)
+    for index, inputs in enumerate(extra):
+        found[f"validation input {index}"] = ((), dict(inputs))
+    return [Case(what, *inputs, attention_mask(model, *inputs)) for what, inputs in found.items() if inputs is not None]
 
 
 @torch.no_grad()
