@@ -7,14 +7,16 @@ computed in the graph (bat included) and a new adapter is a new set of initializ
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import onnx_ir as ir
 import torch
+from onnx_ir.tensor_adapters import from_torch_dtype, to_torch_dtype
 from onnxscript import opset18 as op
 
 import miss_compile.ops  # noqa: F401  (registers torch.ops.miss)
+from miss_compile.reference import accumulate_dtype, block_variant, compute_dtype
 
 __all__ = ["TRANSLATIONS", "OPSET"]
 
@@ -32,14 +34,9 @@ def _cast(value: Value, dtype: ir.DataType) -> Value:
     return value if value.dtype == dtype else op.Cast(value, to=dtype)
 
 
-def _promote(*dtypes: ir.DataType) -> ir.DataType:
-    torch_dtypes = [torch.float16 if d == ir.DataType.FLOAT16 else torch.bfloat16 if d == ir.DataType.BFLOAT16
-                    else torch.float64 if d == ir.DataType.DOUBLE else torch.float32 for d in dtypes]
-    result = torch_dtypes[0]
-    for dtype in torch_dtypes[1:]:
-        result = torch.promote_types(result, dtype)
-    return {torch.float16: ir.DataType.FLOAT16, torch.bfloat16: ir.DataType.BFLOAT16,
-            torch.float64: ir.DataType.DOUBLE, torch.float32: ir.DataType.FLOAT}[result]
+def _dtype(policy: Callable[..., torch.dtype], *values: Value) -> ir.DataType:
+    """The dtype miss_compile.reference's `policy` (compute_dtype or accumulate_dtype) gives these values."""
+    return from_torch_dtype(policy(*[to_torch_dtype(value.dtype) for value in values]))
 
 
 def _chunk_sum(adapter_input: Value, r: int) -> Value:
@@ -62,13 +59,13 @@ def miss_linear(x: Value, adapter_inputs: Sequence[Value], weight: Value, bias: 
     result = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
     if bias is not None:
         result = op.Add(result, bias)
-    dtype = _promote(x.dtype, *[block.dtype for block in blocks])
+    dtype = _dtype(compute_dtype, x, *blocks)
     result = _cast(result, dtype)
     rank = len(x.shape)
     for adapter_input, block in zip(adapter_inputs, blocks, strict=True):
         r, columns = block.shape
         product = op.MatMul(_chunk_sum(adapter_input, r), block)
-        if columns != out_features:
+        if block_variant(block.shape, out_features) == "mini":
             # Tile the activation, not the block: the block stays an untouched, overridable input.
             product = op.Tile(product, _ints([1] * (rank - 1) + [out_features // columns]))
         result = op.Add(result, _cast(product, dtype))
@@ -78,7 +75,7 @@ def miss_linear(x: Value, adapter_inputs: Sequence[Value], weight: Value, bias: 
 def bat_linear(x: Value, weight: Value, bias: Value | None, blocks: Sequence[Value]) -> Value:
     """y = x @ fold(W, D_1..D_n).T + b, W'_pq = W_pq @ D_p + D_p + W_pq, in fp32 or wider."""
     out_features, in_features = weight.shape
-    dtype = _promote(weight.dtype, ir.DataType.FLOAT, *[block.dtype for block in blocks])
+    dtype = _dtype(accumulate_dtype, weight, *blocks)
     folded = _cast(weight, dtype)
     for block in blocks:
         r = block.shape[-1]
@@ -87,7 +84,7 @@ def bat_linear(x: Value, weight: Value, bias: Value | None, blocks: Sequence[Val
         d = op.Unsqueeze(_cast(block, dtype), _ints([1]))  # [p, 1, r, r]
         delta = op.Add(op.MatMul(w_blocks, d), d)
         folded = op.Add(folded, op.Reshape(op.Transpose(delta, perm=[0, 2, 1, 3]), _ints([out_features, in_features])))
-    compute = _promote(weight.dtype, *[block.dtype for block in blocks])
+    compute = _dtype(compute_dtype, weight, *blocks)
     result = op.MatMul(_cast(x, compute), op.Transpose(_cast(folded, compute), perm=[1, 0]))
     if bias is not None:
         result = op.Add(result, _cast(bias, compute))
@@ -101,7 +98,7 @@ def stacked_linear(x: Value, adapter_ids: Value, weight: Value, bias: Value | No
     result = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
     if bias is not None:
         result = op.Add(result, bias)
-    dtype = _promote(x.dtype, stack.dtype)
+    dtype = _dtype(compute_dtype, x, stack)
     chunk_sums = _chunk_sum(_cast(x, stack.dtype), r)  # [batch, ..., r]
     batch = op.Slice(op.Shape(x), _ints([0]), _ints([1]))
     rows = op.Reshape(chunk_sums, op.Concat(batch, _ints([-1, r]), axis=0))  # [batch, tokens, r]
