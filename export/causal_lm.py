@@ -7,7 +7,7 @@
     outputs  logits [batch, sequence, vocab], present.{i}.key / .value [batch, kv_heads, past_sequence + sequence, head_dim]
 
 One graph serves prefill (past_sequence 0: feed [batch, kv_heads, 0, head_dim] tensors) and decode
-(sequence 1). torch.export specializes sizes 0 and 1, so the graph is traced with a past of 5 and a
+(sequence 1). torch.export specializes sizes 0 and 1, so the graph is traced with a past of 4 and a
 sequence of 3 and then validated on onnxruntime at past 0 (a left-padded prefill), at sequence 1 (a
 decode step) and at other sizes. The model runs on transformers' DynamicCache built from the flat
 tensors (one full layer per decoder layer; sliding-window models mask the window, the cache keeps
@@ -36,7 +36,9 @@ from .translation import OPSET
 __all__ = ["export_causal_lm", "CacheLayout", "cache_layout", "past_name", "present_name", "positions_from_mask", "KINDS"]
 
 KINDS = ("key", "value")
-_EXAMPLE_BATCH, _EXAMPLE_SEQUENCE, _EXAMPLE_PAST = 2, 3, 5  # distinct, and none 0 or 1 (torch.export specializes those)
+# distinct, none 0 or 1 (torch.export specializes those); mask lengths (7; 5, 7, 9 in the checks) unlike common
+# kv head counts, since validation finds a present's sequence axis by the mask's length
+_EXAMPLE_BATCH, _EXAMPLE_SEQUENCE, _EXAMPLE_PAST = 2, 3, 4
 
 
 def past_name(layer: int, kind: str) -> str:
