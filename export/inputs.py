@@ -9,7 +9,7 @@ input names with those leaves, renamed or not.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 __all__ = ["bound_inputs", "named_inputs", "dynamic_dims", "dynamic_shapes", "graph_input_leaves", "feeds",
-           "other_size", "resized", "padded", "attention_mask", "cast_inputs", "text_inputs", "MASK"]
+           "other_size", "resized", "padded", "attention_mask", "cast_inputs", "text_inputs",
+           "with_default_inputs", "MASK"]
 
 MASK = "attention_mask"  # the input whose zeros mark padding: validation compares only the positions it keeps
 
@@ -136,6 +137,24 @@ def text_inputs(model: nn.Module, batch: int, seq: int, seed: int = 0) -> dict[s
     if "token_type_ids" in takes and getattr(getattr(model, "config", None), "type_vocab_size", 0) > 1:
         inputs["token_type_ids"] = torch.zeros_like(ids)
     return inputs
+
+
+# What transformers assumes for an input left out, by name: no padding, one token type.
+_DEFAULTS = {MASK: torch.ones_like, "token_type_ids": torch.zeros_like}
+
+
+def with_default_inputs(given: Mapping[str, Any], graph_inputs: Sequence[Any]) -> dict[str, Any]:
+    """`given` plus transformers' defaults for the graph inputs it leaves out: `attention_mask` all ones and
+    `token_type_ids` zeros, shaped like `input_ids`, where the graph's input has input_ids' dims (a KV-cache
+    mask over past + current does not, and is never filled in) and its type (a float mask is not filled in
+    either). `graph_inputs`: onnxruntime's NodeArgs (name, shape, type)."""
+    like = {arg.name: (list(arg.shape), arg.type) for arg in graph_inputs}
+    ids = given.get("input_ids")
+    if ids is None or "input_ids" not in like:
+        return dict(given)
+    filled = {name: fill(torch.as_tensor(ids)) for name, fill in _DEFAULTS.items()
+              if name in like and name not in given and like[name] == like["input_ids"]}
+    return {**given, **filled}
 
 
 def cast_inputs(values: Any, dtype: torch.dtype | None) -> Any:

@@ -27,6 +27,7 @@ import onnxruntime as ort
 import torch
 
 from .adapters import adapter_fit_problems, read_onnx_adapter, signature
+from .inputs import with_default_inputs
 from .names import is_stack_input
 
 __all__ = ["load_session", "MissSession", "AdapterFile"]
@@ -198,6 +199,7 @@ class MissSession:
         """Outputs as torch tensors. `adapter`: an `.onnx_adapter` path (checked, read again when it
         changes; see load_adapter for `partial`), an AdapterFile from load_adapter, or an
         ort.LoraAdapter used as it is (unchecked: onnxruntime does not expose its names)."""
+        inputs = with_default_inputs(inputs, self.session.get_inputs())  # a mask / token types left out: no padding
         unknown = sorted(set(inputs) - set(self.input_names) - set(self.overridable_names))
         if unknown:
             raise ValueError(f"unknown inputs {unknown}; the graph takes {self.input_names} "

@@ -213,3 +213,22 @@ def test_names_that_do_not_fit_are_refused(tmp_path, names, error):
         export_onnx(CacheStep(), kwargs=cache_inputs(2, 3, 4), path=tmp_path / "step.onnx", dynamic_shapes=CACHE_SHAPES,
                     **names)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_mask_and_token_types_left_out_mean_no_padding(bert, tmp_path):
+    """transformers' defaults (all ones, type 0) where the graph's mask has the ids' shape; a KV-cache mask
+    over past + current is never filled in."""
+    model, result = bert
+    ids = input_ids(3, 6, seed=8)
+    (got, _) = load_session(result.path, device="cpu").run({"input_ids": ids})
+    with torch.no_grad():
+        want = model(input_ids=ids).last_hidden_state
+    assert (got - want).abs().max().item() < 1e-4
+    step = export_onnx(CacheStep(), kwargs=cache_inputs(2, 3, 4), path=tmp_path / "step.onnx", **CACHE_NAMES,
+                       dynamic_shapes=CACHE_SHAPES, validate=False)
+    feeds = cache_inputs(2, 3, 4)
+    pasts = feeds.pop("past_key_values")
+    del feeds["attention_mask"]
+    with pytest.raises(Exception, match="attention_mask"):
+        load_session(step.path, device="cpu").run({**feeds, "past_key_values.0.key": pasts[0],
+                                                   "past_key_values.1.key": pasts[1]})
