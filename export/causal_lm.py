@@ -180,10 +180,9 @@ def export_causal_lm(
         _step_inputs(layout, _left_padded([4, 9, 6, 9], 9), 2, device, vocab, 3),  # 2 tokens on a past of 7
     ]
     if adapter_ids is not None:
-        example["adapter_ids"] = adapter_ids[:batch].to(device)
-        for check in checks:
-            rows = check["input_ids"].shape[0]
-            check["adapter_ids"] = adapter_ids.to(device).repeat(rows)[:rows]
+        for inputs in [example, *checks]:  # the example's ids, repeated to each batch
+            rows = inputs["input_ids"].shape[0]
+            inputs["adapter_ids"] = adapter_ids.to(device).repeat(rows)[:rows]
     with warnings.catch_warnings():
         # torch names a dim once and warns for every other input that shares it: by design here
         warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used")
