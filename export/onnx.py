@@ -127,34 +127,16 @@ def export_onnx(
     if dynamic_shapes is None and dynamic:
         dynamic_shapes = inputs.dynamic_shapes(prepared, args, kwargs)
     program = _trace(prepared, args, kwargs, opset, dynamic_shapes, external_data, input_names, output_names)
-    _check_names("output_names", output_names, len(program.model.graph.outputs), "outputs of the traced graph")
-    block_inputs = [] if merged else _expose_blocks(program.model.graph)
-    with _quiet("onnx_ir.passes.common.initializer_deduplication"):  # blocks stay apart by design
-        program.optimize()
-    if output_names is None:
-        _name_outputs(program)
-    _finish(program.model, properties)
+    block_inputs = _build(program, merged, output_names, properties)
     errors: list[float] = []
 
-    def check(staged: Path) -> None:
+    def save(staged: Path) -> None:
         program.save(staged, external_data=external_data)
-        if validate:
+        if cases:
             errors.extend(validation.validate_export(prepared, staged, cases, expected))
 
-    write_files_atomically(path, check)
-    graph = program.model.graph
-    result = ExportResult(
-        path=path,
-        merged=merged,
-        nodes=len(graph),
-        bytes=path.stat().st_size + sum(f.stat().st_size for f in path.parent.glob(path.name + ".data")),
-        seconds=time.perf_counter() - start,
-        block_inputs=block_inputs,
-        input_names=[value.name for value in graph.inputs if not is_overridable_input(value.name)],
-        output_names=[value.name for value in graph.outputs],
-    )
-    if errors:
-        result.max_abs_error, result.max_rel_error = errors
+    write_files_atomically(path, save)
+    result = _result(program.model.graph, path, merged, block_inputs, errors, time.perf_counter() - start)
     logger.info("%s", result)
     return result
 
@@ -307,6 +289,38 @@ def _trace(prepared: nn.Module, args: tuple, kwargs: dict[str, Any], opset: int,
             input_names=input_names,
             output_names=output_names,
         )
+
+
+def _build(program: Any, merged: bool, output_names: list[str] | None, properties: dict[str, str]) -> list[str]:
+    """The traced model made the one that is saved, in place: blocks exposed (unmerged), optimized,
+    outputs named, layers grouped into local functions, provenance recorded, checked. Returns the
+    overridable block inputs."""
+    _check_names("output_names", output_names, len(program.model.graph.outputs), "outputs of the traced graph")
+    block_inputs = [] if merged else _expose_blocks(program.model.graph)
+    with _quiet("onnx_ir.passes.common.initializer_deduplication"):  # blocks stay apart by design
+        program.optimize()
+    if output_names is None:
+        _name_outputs(program)
+    _finish(program.model, properties)
+    return block_inputs
+
+
+def _result(graph: ir.Graph, path: Path, merged: bool, block_inputs: list[str], errors: list[float],
+            seconds: float) -> ExportResult:
+    data = path.parent / (path.name + ".data")
+    result = ExportResult(
+        path=path,
+        merged=merged,
+        nodes=len(graph),
+        bytes=path.stat().st_size + (data.stat().st_size if data.is_file() else 0),
+        seconds=seconds,
+        block_inputs=block_inputs,
+        input_names=[value.name for value in graph.inputs if not is_overridable_input(value.name)],
+        output_names=[value.name for value in graph.outputs],
+    )
+    if errors:
+        result.max_abs_error, result.max_rel_error = errors
+    return result
 
 
 def _expose_blocks(graph: ir.Graph) -> list[str]:
