@@ -14,7 +14,7 @@ from torch import nn
 
 from miss_compile.checkpoint import read_adapter
 from miss_compile.files import write_atomically
-from miss_compile.peft_compat import model_root, named_miss_layers
+from miss_compile.peft_compat import layers_with, model_root, named_miss_layers
 from miss_compile.saved_modules import saved_tensors
 from miss_compile.stacked import refresh_stacks, stacked_layers
 
@@ -36,7 +36,7 @@ def adapter_parameters(adapter: str | os.PathLike | nn.Module, adapter_name: str
     named `<module>.miss_block.<as_name>` (default: adapter_name), the name the graph was exported with."""
     graph_name = adapter_name if as_name is None else as_name
     if isinstance(adapter, nn.Module):
-        layers = {n: layer for n, layer in named_miss_layers(adapter).items() if adapter_name in layer.miss_block}
+        layers = layers_with(adapter, adapter_name)
         if not layers:
             raise ValueError(f"the model has no adapter named {adapter_name!r}")
         heads = saved_tensors(model_root(adapter), adapter_name)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from .config import MissConfig
-from .peft_compat import adapter_variant, named_miss_layers
+from .peft_compat import adapter_variant, layers_with
 
 __all__ = ["AdapterSettings", "settings_of", "check_consistent", "check_same_settings"]
 
@@ -76,7 +76,7 @@ def check_consistent(layers: dict[str, nn.Module], adapter_name: str) -> Adapter
 def check_same_settings(model: nn.Module, config: MissConfig, adapter_name: str) -> None:
     """For apply_miss, before the model is touched: adding `adapter_name` with `config` to more layers
     must not give the name a second set of settings (the adapter could not be saved)."""
-    layers = {name: layer for name, layer in named_miss_layers(model).items() if adapter_name in layer.miss_block}
+    layers = layers_with(model, adapter_name)
     if not layers:
         return
     new = AdapterSettings.of_config(config)

@@ -12,8 +12,10 @@ import json
 import logging
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,7 +26,7 @@ from .config import MissConfig
 from .files import write_atomically
 from .inject import apply_miss
 from .modules_to_save import wrap_modules_to_save
-from .peft_compat import adapter_variant, model_root, named_miss_layers, peft_tuner
+from .peft_compat import adapter_variant, layers_with, model_root, peft_tuner
 from .saved_modules import SavedModule, saved_module_wrappers, saved_targets, saved_tensors
 from .stacked import enable_adapter_selection
 
@@ -34,11 +36,11 @@ __all__ = [
     "read_adapter",
     "read_checkpoint",
     "write_adapter",
+    "write_peft_folder",
     "AdapterCheckpoint",
-    "layers_with",
     "config_of",
-    "check_blocks",
-    "check_saved_modules",
+    "modules_to_save_of",
+    "checked_pairs",
     "writable_folder",
 ]
 
@@ -64,15 +66,13 @@ def _layer_name(key: str) -> str | None:
 @dataclass
 class AdapterCheckpoint:
     """A PEFT-format MiSS adapter folder as read: blocks by layer name, and the modules_to_save
-    tensors by `<module>.<param>` (the checkpoint key less `base_model.model.`)."""
+    tensors by `<module>.<param>` (the checkpoint key less `base_model.model.`); `fields` is
+    adapter_config.json as written (task_type, base_model_name_or_path, ...)."""
 
     config: MissConfig
     blocks: dict[str, torch.Tensor]
     saved: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def layers_with(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
-    return {name: layer for name, layer in named_miss_layers(model).items() if adapter_name in layer.miss_block}
+    fields: dict[str, Any] = field(default_factory=dict)
 
 
 def config_of(layers: dict[str, nn.Module], adapter_name: str, modules_to_save: list[str] | None = None) -> MissConfig:
@@ -140,13 +140,19 @@ def write_adapter(
             f"modules_to_save={config.modules_to_save} in the config but {len(saved or {})} saved-module tensors: "
             "pass both or neither (a checkpoint without the trained head would load wrong)"
         )
+    tensors = {_key(name): block for name, block in blocks.items()}
+    tensors.update({KEY_PREFIX + key: value for key, value in (saved or {}).items()})
+    return write_peft_folder(directory, tensors, config.to_peft_dict())
+
+
+def write_peft_folder(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], fields: dict[str, Any]) -> Path:
+    """A PEFT adapter folder: `tensors` (PEFT's keys) as adapter_model.safetensors and `fields` as
+    adapter_config.json, in `directory` (created), both files atomically; returns the folder."""
     directory = writable_folder(Path(directory))
-    tensors = {_key(name): block.detach().cpu().contiguous() for name, block in blocks.items()}
-    tensors.update({KEY_PREFIX + key: value.detach().cpu().contiguous() for key, value in (saved or {}).items()})
-    peft_config = config.to_peft_dict()
+    tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
     write_atomically({
         directory / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
-        directory / CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(peft_config, indent=2) + "\n"),
+        directory / CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(fields, indent=2) + "\n"),
     })
     return directory
 
@@ -182,7 +188,7 @@ def read_checkpoint(directory: str | os.PathLike) -> AdapterCheckpoint:
     except ValueError as error:
         raise ValueError(f"{config_path}: {error}") from None
     blocks, saved = _split_keys(directory, _read_tensors(directory), config)
-    return AdapterCheckpoint(config, blocks, saved)
+    return AdapterCheckpoint(config, blocks, saved, fields)
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -266,16 +272,10 @@ def load_adapter(
     unwrap = None
     try:
         unwrap = wrap_modules_to_save(model, config, adapter_name)
-        layers = layers_with(model, adapter_name)
-        check_blocks(layers, checkpoint.blocks, config, adapter_name, check_finite, directory)
-        targets = saved_targets(model_root(model), adapter_name)
-        check_saved_modules(targets, checkpoint.saved, adapter_name, check_finite, directory)
+        pairs = checked_pairs(model, checkpoint, adapter_name, check_finite, directory)
         with torch.no_grad():
-            for name, layer in layers.items():
-                target = layer.miss_block[adapter_name]
-                target.copy_(checkpoint.blocks[name].to(device=target.device, dtype=target.dtype))
-            for key, target in targets.items():
-                target.copy_(checkpoint.saved[key].to(device=target.device, dtype=target.dtype))
+            for target, tensor in pairs:
+                target.copy_(tensor.to(device=target.device, dtype=target.dtype))
     except BaseException:
         if unwrap is not None:
             unwrap()
@@ -302,7 +302,36 @@ def _finite_problem(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> str |
     return None
 
 
-def check_blocks(
+def checked_pairs(
+    model: nn.Module, checkpoint: AdapterCheckpoint, adapter_name: str, check_finite: bool, directory: str | os.PathLike
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(the model's tensor, the checkpoint's) for every block and modules_to_save tensor of
+    `adapter_name`, once every check of the checkpoint against the model passed (all problems named
+    at once; check_finite: in the dtype each tensor is stored in). Nothing is written."""
+    layers = layers_with(model, adapter_name)
+    _check_blocks(layers, checkpoint.blocks, checkpoint.config, adapter_name, check_finite, directory)
+    targets = saved_targets(model_root(model), adapter_name)
+    _check_saved_modules(targets, checkpoint.saved, adapter_name, check_finite, directory)
+    pairs = [(layer.miss_block[adapter_name], checkpoint.blocks[name]) for name, layer in layers.items()]
+    return pairs + [(target, checkpoint.saved[key]) for key, target in targets.items()]
+
+
+def _coverage(
+    model_keys: set[str], file_keys: set[str], key: Callable[[str], str], missing: str, unexpected: str
+) -> list[str]:
+    """The model's keys the file lacks and the file's keys the model lacks, each listed under its label."""
+    lacking, extra = sorted(model_keys - file_keys), sorted(file_keys - model_keys)
+    return ([f"{missing}: {[key(name) for name in lacking]}"] if lacking else []) + (
+        [f"{unexpected}: {[key(name) for name in extra]}"] if extra else [])
+
+
+def _refuse(problems: list[str], what: str) -> None:
+    if problems:
+        listing = "\n  ".join(problems)
+        raise ValueError(f"cannot load {what}:\n  {listing}")
+
+
+def _check_blocks(
     layers: dict[str, nn.Module],
     blocks: dict[str, torch.Tensor],
     config: MissConfig,
@@ -311,13 +340,8 @@ def check_blocks(
     directory: str | os.PathLike,
 ) -> None:
     """Every check of the blocks against the layers carrying `adapter_name`; all problems named at once."""
-    problems = []
-    missing = sorted(set(layers) - set(blocks))
-    unexpected = sorted(set(blocks) - set(layers))
-    if missing:
-        problems.append(f"missing blocks for adapted layers: {[_key(name) for name in missing]}")
-    if unexpected:
-        problems.append(f"blocks for layers without adapter {adapter_name!r}: {[_key(name) for name in unexpected]}")
+    problems = _coverage(set(layers), set(blocks), _key, "missing blocks for adapted layers",
+                         f"blocks for layers without adapter {adapter_name!r}")
     for name in sorted(set(layers) & set(blocks)):
         layer, block = layers[name], blocks[name]
         target = layer.miss_block[adapter_name]
@@ -338,12 +362,10 @@ def check_blocks(
             problems.append(f"{_key(name)}: dtype {block.dtype} is not floating point")
         elif check_finite and (problem := _finite_problem(_key(name), block, target.dtype)):
             problems.append(problem)
-    if problems:
-        listing = "\n  ".join(problems)
-        raise ValueError(f"cannot load adapter {adapter_name!r} from {directory}:\n  {listing}")
+    _refuse(problems, f"adapter {adapter_name!r} from {directory}")
 
 
-def check_saved_modules(
+def _check_saved_modules(
     targets: dict[str, torch.Tensor],
     saved: dict[str, torch.Tensor],
     adapter_name: str,
@@ -352,14 +374,9 @@ def check_saved_modules(
 ) -> None:
     """The modules_to_save tensors of a checkpoint against the model's copies for `adapter_name`
     (`<module>.<param>` -> tensor, both): same keys, shapes, float-ness; all problems named at once."""
-    problems = []
-    missing = sorted(set(targets) - set(saved))
-    unexpected = sorted(set(saved) - set(targets))
-    if missing:
-        problems.append(f"the model trains modules_to_save tensors the file lacks: {[KEY_PREFIX + k for k in missing]}")
-    if unexpected:
-        problems.append(f"modules_to_save tensors for no module of the model that holds a copy for {adapter_name!r}: "
-                        f"{[KEY_PREFIX + k for k in unexpected]}")
+    problems = _coverage(set(targets), set(saved), lambda key: KEY_PREFIX + key,
+                         "the model trains modules_to_save tensors the file lacks",
+                         f"modules_to_save tensors for no module of the model that holds a copy for {adapter_name!r}")
     for key in sorted(set(targets) & set(saved)):
         target, tensor = targets[key], saved[key]
         if tuple(tensor.shape) != tuple(target.shape):
@@ -368,9 +385,7 @@ def check_saved_modules(
             problems.append(f"{KEY_PREFIX}{key}: dtype {tensor.dtype} in the file, {target.dtype} in the model")
         elif check_finite and tensor.is_floating_point() and (problem := _finite_problem(KEY_PREFIX + key, tensor, target.dtype)):
             problems.append(problem)
-    if problems:
-        listing = "\n  ".join(problems)
-        raise ValueError(f"cannot load adapter {adapter_name!r} (modules_to_save) from {directory}:\n  {listing}")
+    _refuse(problems, f"adapter {adapter_name!r} (modules_to_save) from {directory}")
 
 
 def _remove_adapter(model: nn.Module, adapter_name: str) -> None:

@@ -32,16 +32,8 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from .backend import miss_backend
-from .checkpoint import (
-    check_blocks,
-    check_saved_modules,
-    config_of,
-    layers_with,
-    modules_to_save_of,
-    read_checkpoint,
-    write_adapter,
-)
-from .peft_compat import model_root
+from .checkpoint import checked_pairs, config_of, modules_to_save_of, read_checkpoint, write_adapter
+from .peft_compat import layers_with, model_root
 from .saved_modules import is_saved_module_parameter, saved_targets
 
 __all__ = [
@@ -88,13 +80,8 @@ def trainable_blocks(model: nn.Module) -> list[nn.Parameter]:
     return list(params.values())
 
 
-def wrap_ddp(
-    model: nn.Module,
-    compile: Compile = "model",
-    backend: Any = miss_backend,
-    blocks: list[nn.Module] | None = None,
-    **ddp_kwargs: Any,
-) -> nn.Module:
+def wrap_ddp(model: nn.Module, compile: Compile = "model", backend: Any = miss_backend,
+             blocks: list[nn.Module] | None = None, **ddp_kwargs: Any) -> nn.Module:
     """DDP around `model`, compiled whole (`compile="model"`: DDP's optimizer splits the graph at
     gradient buckets) or block by block. Call it inside an initialized process group."""
     _check_compile(compile, ("model", "block", "none"), "wrap_ddp")
@@ -107,13 +94,8 @@ def wrap_ddp(
     return torch.compile(wrapped, backend=backend) if compile == "model" else wrapped
 
 
-def shard_fsdp2(
-    model: nn.Module,
-    compile: Compile = "block",
-    backend: Any = miss_backend,
-    blocks: list[nn.Module] | None = None,
-    **fsdp_kwargs: Any,
-) -> nn.Module:
+def shard_fsdp2(model: nn.Module, compile: Compile = "block", backend: Any = miss_backend,
+                blocks: list[nn.Module] | None = None, **fsdp_kwargs: Any) -> nn.Module:
     """FSDP2 as its docs recommend: `fully_shard` and compile each transformer block, then shard the
     root. `model` is sharded in place and returned; build the optimizer afterwards (DTensor blocks)."""
     from torch.distributed.fsdp import fully_shard
@@ -204,18 +186,12 @@ def load_adapter_sharded(model: nn.Module, directory: str | os.PathLike, adapter
     from torch.distributed.tensor import distribute_tensor
 
     inner = _unwrap(model)
-    layers = layers_with(inner, adapter_name)
-    if not layers:
+    if not layers_with(inner, adapter_name):
         raise ValueError(
             f"{type(inner).__name__} carries no adapter {adapter_name!r} to load into, and a wrapped or sharded "
             "model cannot grow one: load_adapter (or PeftModel.from_pretrained) before wrapping"
         )
-    checkpoint = read_checkpoint(directory)
-    check_blocks(layers, checkpoint.blocks, checkpoint.config, adapter_name, check_finite, directory)
-    targets = saved_targets(model_root(inner), adapter_name)
-    check_saved_modules(targets, checkpoint.saved, adapter_name, check_finite, directory)
-    pairs = [(layer.miss_block[adapter_name], checkpoint.blocks[name]) for name, layer in layers.items()]
-    pairs += [(target, checkpoint.saved[key]) for key, target in targets.items()]
+    pairs = checked_pairs(inner, read_checkpoint(directory), adapter_name, check_finite, directory)
     with torch.no_grad():
         for target, tensor in pairs:
             tensor = tensor.to(device=target.device, dtype=target.dtype)

@@ -20,24 +20,14 @@ from typing import Any
 
 import torch
 import transformers
-from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import reference
 from .adapter_settings import check_consistent
-from .checkpoint import (
-    CONFIG_NAME,
-    KEY_PREFIX,
-    WEIGHTS_NAME,
-    layers_with,
-    modules_to_save_of,
-    read_checkpoint,
-    writable_folder,
-)
-from .files import write_atomically
+from .checkpoint import CONFIG_NAME, KEY_PREFIX, modules_to_save_of, read_checkpoint, write_peft_folder
 from .layer import base_features
-from .peft_compat import is_miss_layer, model_root, named_miss_layers, peft_tuner
+from .peft_compat import is_miss_layer, layers_with, model_root, named_miss_layers, peft_tuner
 from .saved_modules import saved_tensors
 
 __all__ = ["to_lora", "lora_factors"]
@@ -113,12 +103,7 @@ def to_lora(
         base = _base_root(base_model, Path(source))
         adapters = [_read_folder(Path(source), name, base) for name in names]
     tensors, config = _convert(adapters, uniform_rank)
-    directory = writable_folder(Path(out_dir))
-    write_atomically({
-        directory / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
-        directory / CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"),
-    })
-    return directory
+    return write_peft_folder(out_dir, tensors, config)
 
 
 # --- reading
@@ -159,8 +144,7 @@ def _adapter_folder(folder: Path, name: str) -> Path:
 def _read_folder(folder: Path, name: str, base: nn.Module) -> _Adapter:
     folder = _adapter_folder(folder, name)
     checkpoint = read_checkpoint(folder)
-    config = checkpoint.config
-    fields = json.loads((folder / CONFIG_NAME).read_text())
+    config, fields = checkpoint.config, checkpoint.fields
     problems, blocks = [], {}
     for layer_name, block in sorted(checkpoint.blocks.items()):
         try:
@@ -274,11 +258,11 @@ def _convert(adapters: list[_Adapter], uniform_rank: bool) -> tuple[dict[str, to
             pad = max_rank - lora_a.shape[0]
             lora_a = torch.cat([lora_a, lora_a.new_zeros(pad, lora_a.shape[1])], dim=0)
             lora_b = torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], pad)], dim=1)
-        tensors[f"{KEY_PREFIX}{layer_name}.lora_A.weight"] = lora_a.cpu().contiguous()
-        tensors[f"{KEY_PREFIX}{layer_name}.lora_B.weight"] = lora_b.cpu().contiguous()
+        tensors[f"{KEY_PREFIX}{layer_name}.lora_A.weight"] = lora_a
+        tensors[f"{KEY_PREFIX}{layer_name}.lora_B.weight"] = lora_b
         ranks[layer_name] = lora_a.shape[0]
     for adapter in adapters:
-        tensors.update({KEY_PREFIX + key: value.detach().cpu().contiguous() for key, value in adapter.saved.items()})
+        tensors.update({KEY_PREFIX + key: value for key, value in adapter.saved.items()})
     return tensors, _lora_config(adapters, ranks, conv1d)
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from torch import nn
 
 from .config import MissConfig
-from .peft_compat import is_miss_layer, model_root, named_miss_layers, peft_tuner
+from .peft_compat import is_miss_layer, layers_with, model_root, peft_tuner
 from .saved_modules import SavedModule, is_saved_module
 
 __all__ = ["find_modules_to_save", "wrap_modules_to_save"]
@@ -57,7 +57,7 @@ def _ancestors(root: nn.Module, name: str) -> list[nn.Module]:
 
 def _state_in_model(root: nn.Module, adapter_name: str) -> tuple[bool, bool]:
     """(active, disabled) of `adapter_name` on the model's MiSS layers, for its new copies to follow."""
-    layers = [layer for layer in named_miss_layers(root).values() if adapter_name in layer.miss_block]
+    layers = layers_with(root, adapter_name).values()
     active = any(adapter_name in layer.active_adapters for layer in layers)
     return active, any(layer.disable_adapters for layer in layers)
 

@@ -17,7 +17,7 @@ from torch import nn
 from .layer import MissLinear, carry_untied_weight, has_untied_weight
 from .saved_modules import SavedModule, from_peft_wrapper, saved_module_wrappers
 
-__all__ = ["peft_tuner", "is_miss_layer", "adapter_variant", "named_miss_layers", "model_root", "from_peft",
+__all__ = ["peft_tuner", "is_miss_layer", "adapter_variant", "named_miss_layers", "layers_with", "model_root", "from_peft",
            "shared_base_weights", "base_weight_of"]
 
 
@@ -64,6 +64,11 @@ def adapter_variant(layer: nn.Module, name: str) -> str:
 def named_miss_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every MiSS-carrying layer, by its name under model_root(model)."""
     return {name: module for name, module in model_root(model).named_modules() if is_miss_layer(module)}
+
+
+def layers_with(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
+    """The MiSS layers that carry `adapter_name`, by name under model_root(model)."""
+    return {name: layer for name, layer in named_miss_layers(model).items() if adapter_name in layer.miss_block}
 
 
 # --- base weights that other modules read too (tied output heads): merges must not write them

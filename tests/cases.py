@@ -1,7 +1,8 @@
 """The cases the tests share, one table each, in PEFT's TEST_CASES style: tiny models by name, one
-MiSS configuration per variant, the rows (name, model builder, config kwargs) that cross them, the
+MiSS configuration per variant, the rows (test name, model, config kwargs) that cross them, the
 tied-embedding models, and the shapes the op tests run."""
 
+import pytest
 from small_models import MODELS, tied_llama, tiny_gpt2
 
 from miss_compile import MissConfig
@@ -18,10 +19,14 @@ CONFIGS = {variant: MissConfig(**kwargs) for variant, kwargs in VARIANTS.items()
 MODEL_NAMES = list(MODELS)
 PEFT_MODELS = [name for name in MODELS if name != "gpt2"]  # PEFT's MiSS does not adapt GPT-2's Conv1D
 
-# (name, model builder, config kwargs): every tiny model under every variant.
-TEST_CASES = [
-    (f"{model}-{variant}", MODELS[model], kwargs) for model in MODELS for variant, kwargs in VARIANTS.items()
-]
+# (test name, model for helpers.build / small_models.MODELS, MissConfig kwargs): every tiny model under every variant.
+TEST_CASES = [(f"{model}-{variant}", model, kwargs) for model in MODELS for variant, kwargs in VARIANTS.items()]
+PEFT_CASES = [case for case in TEST_CASES if case[1] in PEFT_MODELS]
+
+
+def params(rows: list[tuple]) -> list:
+    """Rows of (test name, model, config kwargs) as pytest parameters (model, config kwargs), named by the test name."""
+    return [pytest.param(model, kwargs, id=name) for name, model, kwargs in rows]
 
 # (model, embedding path, targets): an explicit target list selects the head ("all-linear" leaves it out).
 TIED = {

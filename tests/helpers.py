@@ -20,7 +20,7 @@ from miss_compile.peft_compat import named_miss_layers
 __all__ = [
     "DECODER", "LINEARS", "VOCAB", "build", "clone", "compile_pass_only", "copy_blocks", "count",
     "embedding_weight", "head", "input_ids", "make_case", "mixed", "model_output", "randomize_blocks",
-    "rows_alone", "run_op", "tied_pair",
+    "rows_alone", "run_op", "tied_pair", "call",
 ]
 
 LINEARS = (torch.nn.functional.linear, torch._C._nn.linear)
@@ -42,17 +42,23 @@ def model_output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rows_alone(model, ids, names):
-    """Each row run alone with its own adapter (None: adapters off): what the mixed batch must equal."""
-    rows = []
+def rows_alone(model, inputs, names, run=model_output):
+    """Each row run alone with its own adapter (None: adapters off): what the mixed batch must equal.
+    `run(model, rows)`: the output (default: model_output, for input ids)."""
+    outputs = []
     for row, name in enumerate(names):
         if name is None:
             with adapters_disabled(model):
-                rows.append(model_output(model, ids[row:row + 1]))
+                outputs.append(run(model, inputs[row:row + 1]))
         else:
             set_active_adapters(model, name)
-            rows.append(model_output(model, ids[row:row + 1]))
-    return torch.cat(rows)
+            outputs.append(run(model, inputs[row:row + 1]))
+    return torch.cat(outputs)
+
+
+def call(model, inputs):
+    """A model's output for one positional input (rows_alone's `run` for modules that take x)."""
+    return model(inputs)
 
 
 def mixed(model, ids, **selection):

@@ -8,7 +8,7 @@ import peft
 import pytest
 import torch
 import transformers
-from cases import BAT_CASES, LINEAR_CASES
+from cases import BAT_CASES, CONFIGS, LINEAR_CASES
 from helpers import DECODER, clone, copy_blocks, input_ids, make_case, model_output, randomize_blocks, run_op
 from torch._inductor.utils import run_and_get_code
 
@@ -123,12 +123,6 @@ def test_compiled_stacked_op_computes_in_the_autocast_dtype():
 
 
 # --- compiled models: a training step under autocast, eager against compiled
-
-CONFIGS = {
-    "balance": MissConfig(r=3, init="random", target_modules="all-linear"),
-    "mini": MissConfig(r=3, variant="mini", mini_r=8, target_modules="all-linear"),
-    "bat": MissConfig(r=8, variant="bat", target_modules="all-linear"),
-}
 
 
 def _adapted(which, variant):

@@ -11,6 +11,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from cases import CONFIGS
 from helpers import build, clone, copy_blocks, input_ids, model_output, randomize_blocks
 from torch import nn
 from torch._dynamo.utils import counters
@@ -31,13 +32,6 @@ from miss_compile.backend import MissGraphPass, source_files
 from miss_compile.peft_compat import named_miss_layers
 
 pytestmark = pytest.mark.slow
-
-CONFIGS = {
-    "balance": MissConfig(r=3, init="random", target_modules="all-linear"),
-    "mini": MissConfig(r=3, variant="mini", mini_r=8, target_modules="all-linear"),
-    "bat": MissConfig(r=8, variant="bat", target_modules="all-linear"),
-}
-
 
 def peft_pair(model_name, variant, dtype=torch.float32):
     base = build(model_name, dtype)

@@ -1,19 +1,17 @@
 """CUDA: the same checks on the GPU machine (`./dev test -m cuda`); skipped, with the reason, elsewhere."""
 
+import cases
 import peft
 import pytest
 import torch
 from helpers import build, clone, copy_blocks, input_ids, model_output, randomize_blocks
 
-from miss_compile import MissConfig, apply_miss, make_backend
+from miss_compile import apply_miss, make_backend
 from miss_compile.peft_compat import named_miss_layers
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow]
 
-CONFIGS = {
-    "balance": MissConfig(r=3, init="random", target_modules="all-linear"),
-    "bat": MissConfig(r=8, variant="bat", target_modules="all-linear"),
-}
+CONFIGS = {variant: cases.CONFIGS[variant] for variant in ("balance", "bat")}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -8,20 +8,14 @@ import onnxruntime as ort
 import peft
 import pytest
 import torch
+from cases import CONFIGS
 from helpers import build, clone, input_ids, model_output, randomize_blocks
 
-from miss_compile import MissConfig, apply_miss, save_adapter
+from miss_compile import apply_miss, save_adapter
 from miss_compile.export import export_onnx, load_session, write_onnx_adapter
 from miss_compile.export.onnx import BLOCK_MARKER
 
 pytestmark = pytest.mark.slow
-
-CONFIGS = {
-    "balance": MissConfig(r=3, init="random", target_modules="all-linear"),
-    "mini": MissConfig(r=3, variant="mini", mini_r=8, target_modules="all-linear"),
-    "bat": MissConfig(r=8, variant="bat", target_modules="all-linear"),
-}
-
 
 def adapted(model_name="llama", variant="balance", seed=2):
     base = build(model_name)

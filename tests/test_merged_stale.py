@@ -26,6 +26,15 @@ def merged_call(compiled, ids):
         return model_output(compiled, ids)
 
 
+def served_merged():
+    """The frozen model, its merge=True compile, and ids it has served once (its constants are frozen)."""
+    model = frozen_model()
+    compiled = torch.compile(model, backend=make_backend(merge=True))
+    ids = input_ids()
+    merged_call(compiled, ids)
+    return model, compiled, ids
+
+
 def test_in_place_load_raises_then_a_recompile_serves_the_new_blocks(tmp_path):
     model = frozen_model()
     other = clone(model)
@@ -53,10 +62,7 @@ def test_in_place_load_raises_then_a_recompile_serves_the_new_blocks(tmp_path):
 
 
 def test_in_place_change_of_a_merged_base_weight_raises():
-    model = frozen_model()
-    compiled = torch.compile(model, backend=make_backend(merge=True))
-    ids = input_ids()
-    merged_call(compiled, ids)
+    model, compiled, ids = served_merged()
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.base_layer.weight.mul_(2)
     with pytest.raises(RuntimeError, match=r"the base weight \(32, 48\) of merged layer 'model\.layers\.1\.mlp\.down_proj'"):
@@ -65,10 +71,7 @@ def test_in_place_change_of_a_merged_base_weight_raises():
 
 def test_in_place_change_of_any_frozen_parameter_raises():
     """Freezing makes every parameter a constant, not only the merged ones."""
-    model = frozen_model()
-    compiled = torch.compile(model, backend=make_backend(merge=True))
-    ids = input_ids()
-    merged_call(compiled, ids)
+    model, compiled, ids = served_merged()
     with torch.no_grad():
         model.model.norm.weight.add_(1)
     with pytest.raises(RuntimeError, match=r"parameter model_norm_weight \(32,\) changed in place"):

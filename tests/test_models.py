@@ -3,6 +3,7 @@
 import peft
 import pytest
 import torch
+from cases import CONFIGS, PEFT_CASES, params
 from helpers import build, clone, copy_blocks, input_ids, model_output, randomize_blocks
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -19,21 +20,13 @@ from miss_compile import (
 from miss_compile.layer import MissLinear
 from miss_compile.peft_compat import named_miss_layers
 
-# Tiny dims: hidden 32, kv 16, intermediate 48; bat r=8 and mini_r=8 divide them all, r=3 divides none of 32.
-VARIANT_CONFIGS = {
-    "balance": MissConfig(r=3, init="random", target_modules="all-linear"),
-    "mini": MissConfig(r=3, variant="mini", mini_r=8, target_modules="all-linear"),
-    "bat": MissConfig(r=8, variant="bat", target_modules="all-linear"),
-}
-PEFT_MODELS = ["llama", "qwen2", "mistral", "bert"]
 
-
-@pytest.mark.parametrize("variant", list(VARIANT_CONFIGS))
-@pytest.mark.parametrize("model_name", PEFT_MODELS)
-def test_model_matches_peft(model_name, variant):
+@pytest.mark.parametrize("model_name, kwargs", params(PEFT_CASES))
+def test_model_matches_peft(model_name, kwargs):
     base = build(model_name)
-    ours = apply_miss(clone(base), VARIANT_CONFIGS[variant])
-    theirs = peft.get_peft_model(clone(base), VARIANT_CONFIGS[variant].to_peft()).eval()
+    config = MissConfig(**kwargs)
+    ours = apply_miss(clone(base), config)
+    theirs = peft.get_peft_model(clone(base), config.to_peft()).eval()
     assert named_miss_layers(ours).keys() == named_miss_layers(theirs).keys()
     randomize_blocks(ours)
     copy_blocks(ours, theirs)
@@ -47,11 +40,11 @@ def test_model_matches_peft(model_name, variant):
     torch.testing.assert_close(model_output(ours, ids), model_output(theirs, ids), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant", list(VARIANT_CONFIGS))
+@pytest.mark.parametrize("variant", list(CONFIGS))
 def test_bf16_model_with_fp32_adapters_matches_peft(variant):
     base = build("llama", dtype=torch.bfloat16)
-    ours = apply_miss(clone(base), VARIANT_CONFIGS[variant])
-    theirs = peft.get_peft_model(clone(base), VARIANT_CONFIGS[variant].to_peft()).eval()
+    ours = apply_miss(clone(base), CONFIGS[variant])
+    theirs = peft.get_peft_model(clone(base), CONFIGS[variant].to_peft()).eval()
     randomize_blocks(ours)
     copy_blocks(ours, theirs)
     assert ours.model.layers[0].mlp.up_proj.miss_block["default"].dtype == torch.float32
@@ -62,15 +55,15 @@ def test_bf16_model_with_fp32_adapters_matches_peft(variant):
 
 
 def test_all_linear_leaves_out_the_output_head():
-    model = apply_miss(build("llama"), VARIANT_CONFIGS["balance"])
+    model = apply_miss(build("llama"), CONFIGS["balance"])
     assert isinstance(model.lm_head, nn.Linear)
     assert len(named_miss_layers(model)) == 2 * 7
 
 
-@pytest.mark.parametrize("variant", list(VARIANT_CONFIGS))
+@pytest.mark.parametrize("variant", list(CONFIGS))
 def test_gpt2_conv1d_matches_reference(variant):
     base = build("gpt2")
-    ours = apply_miss(clone(base), VARIANT_CONFIGS[variant])
+    ours = apply_miss(clone(base), CONFIGS[variant])
     layers = named_miss_layers(ours)
     assert {name.rsplit(".", 1)[-1] for name in layers} == {"c_attn", "c_proj", "c_fc"}
     assert all(isinstance(layer.base_layer, Conv1D) for layer in layers.values())
@@ -95,8 +88,8 @@ def test_gpt2_conv1d_matches_reference(variant):
 
 def two_adapter_llama():
     base = build("llama")
-    model = apply_miss(clone(base), VARIANT_CONFIGS["balance"], "first")
-    apply_miss(model, VARIANT_CONFIGS["bat"], "second")
+    model = apply_miss(clone(base), CONFIGS["balance"], "first")
+    apply_miss(model, CONFIGS["bat"], "second")
     randomize_blocks(model, "first", seed=3)
     randomize_blocks(model, "second", seed=4)
     return base, model
@@ -184,14 +177,14 @@ def test_failed_apply_leaves_model_as_it_was():
 
 
 def test_second_adapter_name_clash_is_an_error():
-    model = apply_miss(build("llama"), VARIANT_CONFIGS["balance"])
+    model = apply_miss(build("llama"), CONFIGS["balance"])
     with pytest.raises(ValueError, match=r"already has an adapter named 'default'"):
-        apply_miss(model, VARIANT_CONFIGS["balance"])
+        apply_miss(model, CONFIGS["balance"])
 
 
 def test_live_peft_model_through_our_api():
     base = build("llama")
-    theirs = peft.get_peft_model(clone(base), VARIANT_CONFIGS["balance"].to_peft())
+    theirs = peft.get_peft_model(clone(base), CONFIGS["balance"].to_peft())
     apply_miss(theirs, MissConfig(r=4, target_modules=["q_proj"]), "extra")
     assert "extra" in theirs.base_model.model.model.layers[0].self_attn.q_proj.miss_block
     with pytest.raises(ValueError, match=r"PEFT MissLinear whose adapters are 'balance'.*'bat' adapter would be wrong"):

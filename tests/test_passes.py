@@ -1,5 +1,6 @@
 """The FX pass alone (no Inductor): what it rewrites, what it leaves, and that the numbers stay."""
 
+import cases
 import peft
 import pytest
 import torch
@@ -21,11 +22,7 @@ from miss_compile.explain import pass_only_backend
 from miss_compile.passes import MISS_OPS, rewrite_miss_linears
 from miss_compile.peft_compat import named_miss_layers
 
-CONFIGS = {
-    "balance": MissConfig(r=3, init="random", target_modules="all-linear", dropout=0.1),
-    "mini": MissConfig(r=3, variant="mini", mini_r=8, target_modules="all-linear"),
-    "bat": MissConfig(r=8, variant="bat", target_modules="all-linear"),
-}
+CONFIGS = {**cases.CONFIGS, "balance": MissConfig(**cases.VARIANTS["balance"], dropout=0.1)}  # a dropout in the pattern
 
 
 def adapted_pair(model_name, variant, dtype=torch.float32):
@@ -40,7 +37,7 @@ def adapted_pair(model_name, variant, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("variant", list(CONFIGS))
-@pytest.mark.parametrize("model_name", ["llama", "qwen2", "mistral", "bert", "gpt2"])
+@pytest.mark.parametrize("model_name", cases.MODEL_NAMES)
 def test_every_adapted_linear_becomes_one_op(model_name, variant):
     base, ours, theirs = adapted_pair(model_name, variant)
     ids = input_ids()

@@ -9,17 +9,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import call, rows_alone
 from small_models import TwoLinears
 
 import miss_compile.export.runtime as runtime
-from miss_compile import (
-    MissConfig,
-    adapter_ids_for,
-    adapters_disabled,
-    apply_miss,
-    set_active_adapters,
-    stack_adapters,
-)
+from miss_compile import MissConfig, adapter_ids_for, apply_miss, stack_adapters
 from miss_compile.export import export_onnx, load_session, write_onnx_adapter, write_onnx_stack
 from miss_compile.peft_compat import named_miss_layers
 
@@ -208,19 +202,6 @@ def stacked_graph(tmp_path_factory):
     return model, path
 
 
-@torch.no_grad()
-def rows_alone(model, x, names):
-    rows = []
-    for row, name in enumerate(names):
-        if name is None:
-            with adapters_disabled(model):
-                rows.append(model(x[row:row + 1]))
-        else:
-            set_active_adapters(model, name)
-            rows.append(model(x[row:row + 1]))
-    return torch.cat(rows)
-
-
 @pytest.mark.parametrize("io_binding", [False, True], ids=["numpy", "io-binding"])
 def test_int32_adapter_ids_equal_int64_ids_in_the_session(stacked_graph, io_binding):
     model, path = stacked_graph
@@ -230,7 +211,7 @@ def test_int32_adapter_ids_equal_int64_ids_in_the_session(stacked_graph, io_bind
     (wide,) = session.run({"x": X, "adapter_ids": ids})
     (narrow,) = session.run({"x": X, "adapter_ids": ids.to(torch.int32)})
     torch.testing.assert_close(narrow, wide, atol=0, rtol=0)
-    torch.testing.assert_close(narrow, rows_alone(model, X, names), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(narrow, rows_alone(model, X, names, run=call), atol=1e-4, rtol=1e-4)
     with torch.no_grad():  # and PyTorch takes the same int32 ids
         torch.testing.assert_close(model(X, adapter_ids=ids.to(torch.int32)), narrow, atol=1e-4, rtol=1e-4)
 
@@ -277,4 +258,4 @@ def test_stack_file_adapter_ids_in_int32(stacked_graph, tmp_path):
     names = ["c", "a", None]
     (logits,) = load_session(path, device="cpu").run(
         {"x": X, "adapter_ids": adapter_ids_for(grown, names).to(torch.int32)}, adapter=adapter)
-    torch.testing.assert_close(logits, rows_alone(grown, X, names), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, rows_alone(grown, X, names, run=call), atol=1e-4, rtol=1e-4)
