@@ -166,7 +166,8 @@ def make_backend(merge: bool = False, config_patches: dict[str, Any] | None = No
         _warn_if_not_adapted(report, gm, warned)
         if merge and any(item.merged for item in report.rewritten):
             _warn_unless_parameters_are_constants(backend)
-        frozen = frozen_parameters(gm) if all_patches.get("freezing") else []
+        # Freezing from make_backend, options= or the global config: parameters are constants from here on.
+        frozen = frozen_parameters(gm) if all_patches.get("freezing", torch._inductor.config.freezing) else []
         compiled = compile_fx(gm, example_inputs, config_patches=all_patches)
         return _checked(compiled, FrozenCheck(frozen)) if frozen else compiled
 
@@ -292,11 +293,12 @@ class FrozenCheck:
                    if tensor._version != version or tensor.data_ptr() != storage]
         more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
         raise RuntimeError(
-            f"make_backend(merge=True): {changed[0]}{more} changed in place after this graph was compiled "
-            "with it as a compile-time constant (freezing folds merged blocks into W), so the graph would "
-            "serve the old weights. Recompile: torch.compiler.reset(), then call the compiled model again "
-            "under torch.no_grad() and freezing. To swap adapters in place without recompiling, compile "
-            "with the unmerged miss_backend."
+            f"miss_backend: {changed[0]}{more} changed in place after this graph was compiled with it as a "
+            "compile-time constant (Inductor's freezing was on: make_backend(merge=True) folds blocks into W "
+            "under it, and options={'freezing': True} or torch._inductor.config.freezing make every parameter "
+            "a constant), so the graph would serve the old weights. Recompile: torch.compiler.reset(), then "
+            "call the compiled model again under torch.no_grad() and freezing. To swap adapters in place "
+            "without recompiling, compile with the unmerged miss_backend and freezing off."
         )
 
 

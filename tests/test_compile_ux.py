@@ -172,3 +172,29 @@ def test_untouched_layers_warn_once_naming_count_and_explain(caplog):
     assert len(messages) == 1, messages
     assert messages[0].startswith(f"miss_backend: {len(skipped)} MiSS layer(s) left untouched")
     assert skipped[0][1] in messages[0] and "miss_compile.explain(model, *inputs)" in messages[0]
+
+
+# --- freezing from anywhere makes parameters constants: an in-place change raises, never serves the old ones
+
+
+def test_unmerged_backend_under_global_freezing_raises_on_a_changed_block():
+    model = peft_two_linears()
+    x = torch.randn(3, 12)
+    compiled = torch.compile(model, backend=make_backend())
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):  # Dynamo traces parameters as constants
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+        named_miss_layers(model)["up"].miss_block["default"].add_(0.5)  # as load_adapter would
+        with pytest.raises(RuntimeError, match=r"up.*changed in place.*freezing off"):
+            compiled(x)
+
+
+def test_freezing_in_options_alone_keeps_parameters_as_inputs():
+    """Dynamo decides while tracing whether parameters are constants, from the global config: options=
+    reach Inductor only after that, so blocks stay graph inputs and an in-place change is seen."""
+    model = peft_two_linears()
+    x = torch.randn(3, 12)
+    compiled = torch.compile(model, backend="miss", options={"freezing": True})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+        named_miss_layers(model)["up"].miss_block["default"].add_(0.5)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
