@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapter_settings import check_consistent
+from .checkpoint_compat import base_model_fields, warn_if_other_base_class, warn_if_peft_cannot_load
 from .config import MissConfig
 from .files import write_atomically
 from .inject import apply_miss
@@ -115,7 +116,8 @@ def writable_folder(directory: Path) -> Path:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
-    """Write `adapter_name` in PEFT's layout; PEFT's `PeftModel.from_pretrained` reads it as is."""
+    """Write `adapter_name` in PEFT's layout, with the base model's class (PEFT's auto_mapping); PEFT's
+    `PeftModel.from_pretrained` reads it as is when every layer is an nn.Linear (else a warning says so)."""
     layers = layers_with(model, adapter_name)
     if not layers:
         raise ValueError(f"no layer carries an adapter named {adapter_name!r}; nothing to save")
@@ -124,7 +126,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         logger.info("saving %r while merged into %d layers; blocks are saved as they are", adapter_name, len(merged))
     config = config_of(layers, adapter_name, modules_to_save_of(model, adapter_name))
     blocks = {name: layer.miss_block[adapter_name] for name, layer in layers.items()}
-    return write_adapter(directory, blocks, config, saved_tensors(model_root(model), adapter_name))
+    written = write_adapter(directory, blocks, config, saved_tensors(model_root(model), adapter_name),
+                            base_model_fields(model))
+    warn_if_peft_cannot_load(layers, written)
+    return written
 
 
 def write_adapter(
@@ -132,9 +137,10 @@ def write_adapter(
     blocks: dict[str, torch.Tensor],
     config: MissConfig,
     saved: dict[str, torch.Tensor] | None = None,
+    fields: dict[str, Any] | None = None,
 ) -> Path:
     """Write blocks (layer name -> block), modules_to_save tensors (`<module>.<param>` -> tensor)
-    and their config in PEFT's layout, each file atomically."""
+    and their config (plus `fields`, such as auto_mapping) in PEFT's layout, each file atomically."""
     if bool(saved) != bool(config.modules_to_save):
         raise ValueError(
             f"modules_to_save={config.modules_to_save} in the config but {len(saved or {})} saved-module tensors: "
@@ -142,7 +148,7 @@ def write_adapter(
         )
     tensors = {_key(name): block for name, block in blocks.items()}
     tensors.update({KEY_PREFIX + key: value for key, value in (saved or {}).items()})
-    return write_peft_folder(directory, tensors, config.to_peft_dict())
+    return write_peft_folder(directory, tensors, {**config.to_peft_dict(), **(fields or {})})
 
 
 def write_peft_folder(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], fields: dict[str, Any]) -> Path:
@@ -284,6 +290,7 @@ def load_adapter(
         for param, flag in trainable.items():
             param.requires_grad_(flag)
         raise
+    warn_if_other_base_class(model, checkpoint.fields, directory)
     return enable_adapter_selection(model)
 
 
