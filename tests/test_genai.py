@@ -39,6 +39,10 @@ def adapted(arch: str, seed: int) -> torch.nn.Module:
     config, kind = ADAPTED[arch]
     base = build(arch)
     base.config.eos_token_id = base.generation_config.eos_token_id = EOS
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # larger weights than the init's: varied tokens, not one token repeated
+        for weight in (p for p in base.parameters() if p.dim() == 2):
+            weight.normal_(0, 0.3, generator=generator)
     if kind == "peft":
         model = peft.get_peft_model(base, config.to_peft())
     else:
