@@ -36,7 +36,7 @@ from torch._inductor.compile_fx import compile_fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from . import lowering, ops, passes, reference  # noqa: F401  (lowering and ops register with torch)
-from .pass_forms import is_call
+from .pass_forms import attribute, is_call
 from .passes import PassReport, rewrite_miss_linears
 
 __all__ = ["miss_backend", "make_backend", "inductor_options", "MissGraphPass", "source_files", "frozen_parameters",
@@ -215,7 +215,7 @@ def frozen_parameters(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
                     frozen.setdefault(id(tensor), (what, tensor))
     for module in graphs:
         for node in module.graph.find_nodes(op="get_attr"):
-            tensor = _attribute(module, node.target)
+            tensor = attribute(module, node.target)
             if isinstance(tensor, torch.Tensor):
                 kind = "parameter" if isinstance(tensor, nn.Parameter) else "buffer"
                 what = f"{kind} {_readable(node.target)} {tuple(tensor.shape)}"
@@ -242,18 +242,12 @@ def _read_parameters(module: fx.GraphModule, arg: object) -> list[torch.Tensor]:
         if not isinstance(node, fx.Node):
             continue
         if node.op == "get_attr":
-            tensor = _attribute(module, node.target)
+            tensor = attribute(module, node.target)
             if isinstance(tensor, torch.Tensor):
                 found.append(tensor)
         else:
             pending.extend(node.all_input_nodes)
     return found
-
-
-def _attribute(owner: object, path: str) -> object:
-    for name in path.split("."):
-        owner = getattr(owner, name, None)
-    return owner
 
 
 def _readable(name: str) -> str:
