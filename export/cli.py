@@ -27,6 +27,7 @@ from miss_compile.checkpoint import load_adapter
 from miss_compile.lora import to_lora
 
 from .adapters import write_onnx_adapter
+from .inputs import text_inputs
 from .onnx import export_onnx
 from .runtime import load_session
 
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     kind = "unmerged" if args.unmerged else "merged"
     result = progress.step(
         f"exporting {kind} ONNX and validating on onnxruntime",
-        lambda: export_onnx(model, kwargs={"input_ids": input_ids}, path=args.output,
+        lambda: export_onnx(model, kwargs=text_inputs(model, 2, args.seq), path=args.output,
                             merged=not args.unmerged, dtype=DTYPES[args.dtype]),
     )
     adapter_path = args.output.with_suffix(".onnx_adapter") if args.unmerged else None

@@ -10,8 +10,9 @@ import pytest
 import torch
 from helpers import build, input_ids, randomize_blocks
 
-from miss_compile import MissConfig, apply_miss
+from miss_compile import MissConfig, apply_miss, save_adapter
 from miss_compile.export import export_onnx, load_session
+from miss_compile.export.cli import main
 from miss_compile.export.validate import Case, kept_positions, validate_export
 
 pytestmark = pytest.mark.slow
@@ -232,3 +233,22 @@ def test_a_mask_and_token_types_left_out_mean_no_padding(bert, tmp_path):
     with pytest.raises(Exception, match="attention_mask"):
         load_session(step.path, device="cpu").run({**feeds, "past_key_values.0.key": pasts[0],
                                                    "past_key_values.1.key": pasts[1]})
+
+
+def test_a_padded_bert_batch_through_the_cli_equals_torch_with_the_mask(tmp_path, capsys):
+    """miss-export BASE --adapter DIR -o OUT: the graph takes BERT's attention_mask and token_type_ids."""
+    model = adapted("bert")
+    build("bert").save_pretrained(tmp_path / "base")
+    save_adapter(model, tmp_path / "adapter")
+    out = tmp_path / "out" / "model.onnx"
+    assert main([str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "-o", str(out)]) == 0
+    capsys.readouterr()
+    session = load_session(out, device="cpu")
+    assert session.input_names == ["input_ids", "attention_mask", "token_type_ids"]
+    assert session.output_names == ["last_hidden_state", "pooler_output"]
+    ids, mask = input_ids(4, 10, seed=9), padded_mask(4, 10, "left")
+    types = torch.zeros_like(ids)
+    got, _ = session.run({"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    assert_equal_at_real_tokens(got, want, mask)
