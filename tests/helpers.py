@@ -18,9 +18,9 @@ from miss_compile.explain import pass_only_backend
 from miss_compile.peft_compat import named_miss_layers
 
 __all__ = [
-    "DECODER", "LINEARS", "VOCAB", "build", "clone", "compile_pass_only", "copy_blocks", "count",
-    "embedding_weight", "head", "input_ids", "make_case", "mixed", "model_output", "randomize_blocks",
-    "rows_alone", "run_op", "tied_pair", "call",
+    "DECODER", "LINEARS", "VOCAB", "build", "call", "clone", "compile_pass_only", "copy_blocks", "count",
+    "embedding_weight", "head", "input_ids", "is_causal_lm", "make_case", "mixed", "model_output",
+    "randomize_blocks", "rows_alone", "run_op", "tied_pair",
 ]
 
 LINEARS = (torch.nn.functional.linear, torch._C._nn.linear)
