@@ -29,6 +29,8 @@ class LlamaShape:
     intermediate: int
     layers: int
     vocab: int = 1024
+    heads: int | None = None  # default hidden // 64
+    kv_heads: int | None = None  # default: as many as heads
 
     def build(self, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
         import transformers
@@ -36,8 +38,9 @@ class LlamaShape:
         torch.manual_seed(seed)
         config = transformers.LlamaConfig(
             vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
-            num_hidden_layers=self.layers, num_attention_heads=max(1, self.hidden // 64),
-            num_key_value_heads=max(1, self.hidden // 64), max_position_embeddings=4096, use_cache=False,
+            num_hidden_layers=self.layers, num_attention_heads=self.heads or max(1, self.hidden // 64),
+            num_key_value_heads=self.kv_heads or self.heads or max(1, self.hidden // 64),
+            max_position_embeddings=4096, use_cache=False,
         )
         return transformers.LlamaForCausalLM(config).to(dtype)
 

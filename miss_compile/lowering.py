@@ -1,9 +1,9 @@
 """How Inductor lowers the MiSS ops: decompositions into ops it fuses well.
 
-miss.linear    with many tokens, when every adapter reads x itself in x's dtype: one GEMM on
-               W + dW (the fold is one pass over W, cheaper than S(x) @ D once
-               tokens * r >= 4 * in). The op's backward folds the same way, so a training step
-               costs the base GEMMs plus S(x).T @ grad per block.
+miss.linear    when every adapter reads x itself in x's dtype and fold_rule says so (W + dW no
+               larger than the output: tokens >= in; fold_rule.py says why): one GEMM on W + dW.
+               The op's backward asks the same rule for x's gradient (ops.py), so a training step
+               there costs the base GEMMs plus S(x).T @ grad per block.
                Otherwise: the chunk sums (pad, cast and dropout fused into one reduction over x),
                their small GEMMs, and then, when dtypes agree, addmm(bias + adapter, x, W.T): the
                adapter product enters the base GEMM as its input instead of a separate add.
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._inductor.decomposition import register_decomposition
 
-from . import ops, reference
+from . import fold_rule, ops, reference
 
 __all__ = ["miss_linear_decomposition", "bat_linear_decomposition", "stacked_linear_decomposition"]
 
@@ -42,7 +42,7 @@ def _adapter_product(adapter_input: Tensor, block: Tensor, out_features: int) ->
 def miss_linear_decomposition(x: Tensor, adapter_inputs: list[Tensor], weight: Tensor, bias: Tensor | None,
                               blocks: list[Tensor]) -> Tensor:
     out_features = weight.shape[0]
-    if all(ops.reads_x(x, adapter_inputs, weight, blocks)) and _folding_is_cheaper(x, weight, blocks):
+    if all(ops.reads_x(x, adapter_inputs, weight, blocks)) and fold_rule.folds_for(x, weight, backward=False):
         folded_t = _folded_weight_t(weight, blocks)
         x_2d = x.reshape(-1, weight.shape[1])
         out = x_2d @ folded_t if bias is None else torch.addmm(bias, x_2d, folded_t)
@@ -69,23 +69,6 @@ def _folded_weight_t(weight: Tensor, blocks: list[Tensor]) -> Tensor:
         dtype = reference.accumulate_dtype(weight.dtype, block.dtype)
         folded_t = (folded_t.to(dtype) + delta_t.to(dtype)).to(weight.dtype)
     return folded_t
-
-
-def _folding_is_cheaper(x: Tensor, weight: Tensor, blocks: list[Tensor]) -> bool:
-    """W + dW costs one pass over W (in * out); S(x) @ D costs tokens * r * out multiply-adds.
-
-    Many tokens (prefill, training) fold; few (decode) keep the small GEMM. Dynamic sizes are
-    judged by their hint, without a guard: a wrong guess costs time, never correctness.
-    """
-    tokens = _hint(x.numel() // x.shape[-1])
-    rank = sum(block.shape[0] for block in blocks)
-    return tokens is not None and tokens * rank >= 4 * weight.shape[1]
-
-
-def _hint(size: int | torch.SymInt) -> int | None:
-    if isinstance(size, torch.SymInt):
-        return size.node.hint
-    return int(size)
 
 
 def _linear_plus(x: Tensor, weight: Tensor, bias: Tensor | None, adapter: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import reference
+from . import fold_rule, reference
 
 __all__ = ["miss_linear", "bat_linear", "stacked_linear", "bat_forward", "reads_x", "chunk_sum_for", "stacked_product"]
 
@@ -105,7 +105,9 @@ def _linear_setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
     ]
     ctx.adapter_widths = [a.shape[-1] for a in adapter_inputs]
     ctx.adapter_dtypes = [a.dtype for a in adapter_inputs]
-    ctx.reads_x = reads_x(x, adapter_inputs, weight, blocks)
+    # Adapters reading x fold into x's gradient where fold_rule says so (else the tile of grad @ D.T).
+    fold = fold_rule.folds_for(x, weight, backward=True)
+    ctx.reads_x = [reads and fold for reads in reads_x(x, adapter_inputs, weight, blocks)]
     ctx.has_bias = bias is not None
     # x itself is saved only if the base weight trains (not the MiSS case).
     saved_x = x if weight.requires_grad else None
