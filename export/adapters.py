@@ -21,10 +21,14 @@ from miss_compile.stacked import refresh_stacks, stacked_layers
 from .names import block_input_name, is_block_input, is_stack_input, split_block_input, stack_input_name
 
 __all__ = ["write_onnx_adapter", "write_onnx_stack", "adapter_parameters", "stack_parameters",
-           "read_onnx_adapter", "signature", "adapter_fit_problems"]
+           "read_onnx_adapter", "signature", "adapter_fit_problems", "NO_BLOCKS"]
 
 _ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
                   onnx.TensorProto.DOUBLE: np.float64}
+
+# Why an adapter file cannot apply to a graph without overridable inputs (write_onnx_adapter, sessions).
+NO_BLOCKS = ("has no overridable blocks: it is a merged export (adapters folded into its weights) or has no "
+             "MiSS layers; adapter files need a graph exported with merged=False (miss-export --unmerged)")
 
 # name -> (shape, dtype); a str (or None) dim is symbolic and fits any size; dtype None: not checked.
 Signature = dict[str, tuple[tuple, object]]
@@ -157,7 +161,8 @@ def _naming_hints(extra: list[str], missing: list[str]) -> list[str]:
         file_names = sorted({written[m] for m in shared})
         graph_names = sorted({exported[m] for m in shared})
         hints.append(f"the file was written for adapter name(s) {file_names} while the graph was exported with "
-                     f"{graph_names}: write it again with write_onnx_adapter(..., as_name={graph_names[0]!r})")
+                     f"{graph_names}: write it again with write_onnx_adapter(..., as_name={graph_names[0]!r}), or export "
+                     f"the graph with the file's name (miss-export --adapter-name {file_names[0]})")
     if any(is_stack_input(n) for n in extra) and any(is_block_input(n) for n in missing):
         hints.append("the file holds adapter stacks (write_onnx_stack) but the graph has one block per layer: "
                      "use write_onnx_adapter for this graph, or export with adapter_ids for stacks")
@@ -172,6 +177,8 @@ def _write(parameters: dict[str, torch.Tensor], path: str | os.PathLike, model_p
         expected = {name: (tuple(block.shape), np.float32) for name, block in parameters.items()}
     else:
         expected = _graph_blocks(Path(model_path))
+        if not expected:
+            raise ValueError(f"{model_path} {NO_BLOCKS}")
     graph = {name: (shape, None) for name, (shape, _) in expected.items()}  # dtypes follow the graph: cast below
     signature = {name: (tuple(block.shape), None) for name, block in parameters.items()}
     problems = adapter_fit_problems(signature, _free_stack_dims(graph))

@@ -1,6 +1,8 @@
-"""onnxruntime sessions for exported MiSS models: torch tensors in and out, adapters per run.
+"""onnxruntime sessions for exported MiSS models: torch tensors (or numpy arrays) in, torch tensors out,
+adapters per run.
 
-    session = load_session("model.onnx", device="cuda")   # CPU, with one warning, where CUDA is absent
+    session = load_session("model.onnx")   # device="auto": CUDA when it can start, else the CPU, quietly
+    session.device, session.providers      # what it chose
     logits, = session.run({"input_ids": ids}, adapter="other.onnx_adapter")
 
 Adapter files are read once into a private copy (onnxruntime's LoraAdapter maps the file, so a
@@ -26,7 +28,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from .adapters import adapter_fit_problems, read_onnx_adapter, signature
+from .adapters import NO_BLOCKS, adapter_fit_problems, read_onnx_adapter, signature
 from .inputs import with_default_inputs
 from .names import is_stack_input
 
@@ -52,7 +54,17 @@ def _providers(device: str) -> list[str]:
         return ["CPUExecutionProvider"]
     if device == "cuda":
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+
+
+def _cuda_unavailable() -> str | None:
+    """Why the CUDA provider cannot serve this session's torch tensors, or None when it can be tried.
+    Asked before onnxruntime tries it: a failed try prints onnxruntime's own error (libcublasLt ...)."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "this onnxruntime build has no CUDA provider (install onnxruntime-gpu)"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device (no GPU, or a CPU-only torch), and the session's tensors live in torch"
+    return None
 
 
 def _warn_cpu_fallback(reason: str) -> None:
@@ -118,7 +130,8 @@ class MissSession:
     def __init__(self, session: ort.InferenceSession, io_binding: bool = False, stack_rows: int | None = None) -> None:
         self.session = session
         self.io_binding = io_binding
-        self.device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.providers = session.get_providers()  # what onnxruntime runs on, first choice first
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.input_names = [i.name for i in session.get_inputs()]
         # Overridable initializers (MiSS blocks and stacks): fed per run like inputs, or by an adapter file.
         self.overridable_names = [i.name for i in session.get_overridable_initializers()]
@@ -159,6 +172,8 @@ class MissSession:
         else:
             raise RuntimeError(f"adapter file {key} changed while it was read, {_READ_ATTEMPTS} times; write it "
                                "atomically (export.write_onnx_adapter writes beside it and renames)")
+        if not self._overridable:
+            raise ValueError(f"adapter file {key}: this session's graph {NO_BLOCKS}")
         problems = adapter_fit_problems(signature(arrays), self._overridable, partial=True)
         if problems:
             raise ValueError(f"adapter file {key} does not fit this graph:\n  " + "\n  ".join(problems))
@@ -192,13 +207,14 @@ class MissSession:
 
     def run(
         self,
-        inputs: Mapping[str, torch.Tensor],
+        inputs: Mapping[str, torch.Tensor | np.ndarray],
         adapter: str | os.PathLike | AdapterFile | ort.LoraAdapter | None = None,
         partial: bool = False,
     ) -> list[torch.Tensor]:
-        """Outputs as torch tensors. `adapter`: an `.onnx_adapter` path (checked, read again when it
-        changes; see load_adapter for `partial`), an AdapterFile from load_adapter, or an
-        ort.LoraAdapter used as it is (unchecked: onnxruntime does not expose its names)."""
+        """Outputs as torch tensors (on the session's device), whether the inputs are torch tensors or
+        numpy arrays (`.numpy()` an output for numpy). `adapter`: an `.onnx_adapter` path (checked, read
+        again when it changes; see load_adapter for `partial`), an AdapterFile from load_adapter, or
+        an ort.LoraAdapter used as it is (unchecked: onnxruntime does not expose its names)."""
         inputs = with_default_inputs(inputs, self.session.get_inputs())  # a mask / token types left out: no padding
         unknown = sorted(set(inputs) - set(self.input_names) - set(self.overridable_names))
         if unknown:
@@ -242,11 +258,13 @@ class MissSession:
             raise ValueError(f"{both[:3]} given as inputs and by the adapter file {adapter.path}; pass one of them")
         return {**inputs, **adapter.parameters}
 
-    def _as_graph_dtype(self, name: str, value: torch.Tensor) -> torch.Tensor:
+    def _as_graph_dtype(self, name: str, value: torch.Tensor | np.ndarray) -> torch.Tensor:
         """`value` in the dtype the graph takes: int32 widens to int64 (exact, and what PyTorch accepts
         for ids); anything else that differs is refused here, by name, not by onnxruntime."""
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(value if value.flags.writeable else value.copy())  # shares memory
         if not isinstance(value, torch.Tensor):
-            raise TypeError(f"input {name!r} must be a torch tensor, got {type(value).__name__}")
+            raise TypeError(f"input {name!r} must be a torch tensor or a numpy array, got {type(value).__name__}")
         expected = _ORT_TO_TORCH.get(self.input_types.get(name, ""))
         if expected is None or value.dtype == expected:
             return value
@@ -286,25 +304,37 @@ def _to_torch(value: ort.OrtValue, device: str) -> torch.Tensor:
 
 def load_session(
     path: str | os.PathLike,
-    device: str = "cuda",
+    device: str = "auto",
     session_options: ort.SessionOptions | None = None,
     io_binding: bool | None = None,
 ) -> MissSession:
-    """An onnxruntime session on `device`; "cuda" falls back to the CPU with one warning.
+    """An onnxruntime session on `device`: "auto" (CUDA when its provider can start here, else the
+    CPU, quietly), "cuda" (falls back to the CPU with one RuntimeWarning naming why) or "cpu". The
+    choice is `session.device` / `session.providers`.
 
-    On CUDA runs always use IO binding on torch tensors; io_binding=True uses it on the CPU too."""
+    onnxruntime warns once per overridable initializer (every MiSS block of an unmerged graph) at its
+    default log level (2, warnings); sessions made here log from level 3 (errors) unless
+    `session_options.log_severity_level` asks for more (0 or 1). On CUDA runs always use IO binding
+    on torch tensors; io_binding=True uses it on the CPU too."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
+    providers = _providers("cuda" if device == "auto" else device)
+    unavailable = None if device == "cpu" else _cuda_unavailable()
+    if unavailable is not None:
+        if device == "cuda":
+            _warn_cpu_fallback(unavailable)
+        logger.info("onnxruntime runs %s on the CPU: %s", path, unavailable)
+        providers = _providers("cpu")
     options = session_options or ort.SessionOptions()
-    options.log_severity_level = 3  # overridable blocks are graph inputs by design: no warning per block
-    providers = _providers(device)
-    if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-        _warn_cpu_fallback("this onnxruntime build has no CUDA provider (install onnxruntime-gpu)")
-        providers = ["CPUExecutionProvider"]
+    if options.log_severity_level in (-1, 2):  # unset (the default logger's 2) or warnings: one per block
+        options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=providers)
-    if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
-        _warn_cpu_fallback("the CUDA provider did not load (no GPU, or CUDA/cuDNN libraries missing)")
+    if len(providers) > 1 and session.get_providers()[0] != "CUDAExecutionProvider":
+        message = "the CUDA provider did not load (CUDA/cuDNN libraries missing; onnxruntime's error above names them)"
+        if device == "cuda":
+            _warn_cpu_fallback(message)
+        logger.info("onnxruntime runs %s on the CPU: %s", path, message)
     return MissSession(session, io_binding=bool(io_binding), stack_rows=_stack_rows(path, session))
 
 
