@@ -1,23 +1,27 @@
 """`python -m benchmarks [--quick] [--tables ...] [--out BENCHMARKS-run.md]`: every table, one process
-per table group, interleaved runs, medians, ratios to the limit, and the targets checked."""
+per table group, interleaved runs, medians, ratios to the limit, and the targets checked. --out also
+writes the rows and the machine as JSON beside the markdown (run.json), which benchmarks.across reads."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
 from miss_compile.files import write_text_atomically
 
-from . import compile_time, generation, layer, onnx_runtime, report, training
+from . import compile_time, generation, layer, onnx_runtime, report, scale, training
 from .machine import describe
 
-TABLES = ("layer", "training", "compile", "onnx", "mixed", "generation")
+TABLES = ("layer", "training", "compile", "onnx", "mixed", "generation", "scale")
 
 COLUMNS = {
+    "scale": (("setting",), ("contender", "ms", "ratio", "vs_stock", "peak_mib", "trainable")),
     "layer": (("dtype", "input", "shape"), ("contender", "ms", "ratio")),
     "training": (("setting",), ("contender", "ms", "ratio", "peak_mib", "trainable")),
     "compile": (("model", "cache", "rounds"), ("contender", "s", "ratio")),
@@ -36,6 +40,8 @@ def _run_table(name: str, args: argparse.Namespace) -> list[dict]:
         return compile_time.run(args.quick, args.device, rounds=args.compile_rounds)
     if name == "onnx":
         return onnx_runtime.run(args.quick, args.device, args.repeats)
+    if name == "scale":
+        return scale.run(args.quick, args.device, args.repeats, tuple(args.scale_tokens), args.scale_dtype)
     if name == "generation":
         return generation.run(args.quick, args.device, args.repeats)
     from . import mixed_adapters
@@ -53,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="cold + warm process pairs per compiler (default 3, quick 1)")
     parser.add_argument("--layer-dtypes", nargs="+", choices=list(layer.DTYPES), default=None,
                         help="dtype settings of the layer table (default all; quick fp32)")
-    parser.add_argument("--out", help="also write the markdown report to this file")
+    parser.add_argument("--scale-tokens", nargs="+", type=int, default=[512],
+                        help="sequence lengths of the 8B-shaped layer table (default 512; quick: 32)")
+    parser.add_argument("--scale-dtype", choices=list(scale.DTYPES), default="fp32")
+    parser.add_argument("--out", help="also write the markdown report to this file, and its rows to a .json beside it")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (10 if args.quick else 20)
     args.compile_rounds = args.compile_rounds or (1 if args.quick else 3)
@@ -61,13 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     # limit, and fail loudly rather than silently running a contender eagerly past it.
     limits = {"recompile_limit": 256, "accumulated_recompile_limit": 4096, "fail_on_recompile_limit_hit": True}
     with torch._dynamo.config.patch(limits):
-        lines = _run(args)
+        lines, rows = _run(args)
     if args.out:
         write_text_atomically(args.out, "\n".join(lines))
+        results = {"machine": describe(args.device), "device": args.device, "repeats": args.repeats,
+                   "quick": args.quick, "rows": rows}
+        write_text_atomically(Path(args.out).with_suffix(".json"), json.dumps(results, indent=1))
     return 0
 
 
-def _run(args: argparse.Namespace) -> list[str]:
+def _run(args: argparse.Namespace) -> tuple[list[str], list[dict]]:
     started = time.perf_counter()
     lines = ["# miss_compile benchmarks" + (" (--quick: tiny sizes, not for claims)" if args.quick else ""), ""]
     lines += [f"- {key}: {value}" for key, value in describe(args.device).items()]
@@ -91,7 +103,7 @@ def _run(args: argparse.Namespace) -> list[str]:
     text += f"\n\n(all tables: {time.perf_counter() - started:.0f} s)\n"
     print(text, flush=True)
     lines.append(text)
-    return lines
+    return lines, rows
 
 
 if __name__ == "__main__":

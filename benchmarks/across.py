@@ -1,12 +1,14 @@
-"""`python -m benchmarks.across run1.md run2.md ...`: one table of ratios across separate runs.
+"""`python -m benchmarks.across run1.json run2.json ...`: one table of ratios across separate runs.
 
 On a shared machine a whole run can be a few percent off (another tenant, a different compile): the
-median over several runs' ratios, with their range, says more than any one run. Reads the markdown
-that `python -m benchmarks --out` writes; rows missing from a run are left out of that row's median.
+median over several runs' ratios, with their range, says more than any one run. Reads the JSON rows
+that `python -m benchmarks --out run.md` writes beside the markdown (run.json); rows missing from a
+run are left out of that row's median.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 from collections import defaultdict
@@ -14,36 +16,33 @@ from pathlib import Path
 
 from .layer import FROZEN_LIMIT
 
+_SETTING_KEYS = ("dtype", "input", "shape", "setting", "model", "cache", "rounds", "provider")
 
-def read_ratios(text: str) -> dict[tuple[str, str, str], float]:
-    """(table, setting, contender) -> ratio, from one report."""
+
+def _setting(row: dict) -> str:
+    return ", ".join(str(row[key]) for key in _SETTING_KEYS if key in row)
+
+
+def read_ratios(rows: list[dict]) -> dict[tuple[str, str, str], float]:
+    """(table, setting, contender) -> ratio, from one run's rows (the frozen limit's ratio for merged too)."""
     ratios: dict[tuple[str, str, str], float] = {}
-    ms: dict[str, float] = {}  # contender -> ms, of the table being read
-    table = setting = ""
-    columns: list[str] = []
-    for line in text.splitlines():
-        if line.startswith("## "):
-            table = line[3:].split(" (")[0]
-        elif line.startswith("**") and line.endswith("**"):
-            setting = line.strip("*")
-        elif line.startswith("| ") and not line.startswith("|---"):
-            cells = [cell.strip() for cell in line.strip("|").split("|")]
-            if cells[0] in ("contender", "target"):
-                columns, ms = cells, {}
-            elif "ratio" in columns and table != "targets":
-                ratios[(table, setting, cells[0])] = float(cells[columns.index("ratio")])
-                if "ms" in columns:
-                    ms[cells[0]] = float(cells[columns.index("ms")])
-                if cells[0] == "miss_backend merged" and FROZEN_LIMIT in ms:  # the frozen limit comes first
-                    ratios[(table, setting, "miss_backend merged / frozen limit")] = ms[cells[0]] / ms[FROZEN_LIMIT]
+    frozen = {(row["table"], _setting(row)): row["ms"] for row in rows if row["contender"] == FROZEN_LIMIT}
+    for row in rows:
+        if row.get("ratio") is None:
+            continue
+        key = (row["table"], _setting(row))
+        ratios[(*key, row["contender"])] = row["ratio"]
+        if row.get("vs_stock") is not None and row["contender"] == "miss_backend":
+            ratios[(*key, "miss_backend / PEFT MiSS compiled")] = row["vs_stock"]
+        if row["contender"] == "miss_backend merged" and key in frozen:
+            ratios[(*key, "miss_backend merged / frozen limit")] = row["ms"] / frozen[key]
     return ratios
 
 
-def across(texts: list[str]) -> str:
-    runs = [read_ratios(text) for text in texts]
+def across(runs: list[list[dict]]) -> str:
     values: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for run in runs:
-        for key, ratio in run.items():
+        for key, ratio in read_ratios(run).items():
             values[key].append(ratio)
     lines = [f"ratio to each table's limit: median of {len(runs)} runs (min - max)", ""]
     setting = None
@@ -57,4 +56,4 @@ def across(texts: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    print(across([Path(path).read_text() for path in sys.argv[1:]]))
+    print(across([json.loads(Path(path).read_text())["rows"] for path in sys.argv[1:]]))

@@ -4,6 +4,7 @@ Timings on tiny sizes mean nothing; what is asserted is that every table and con
 the parity checks inside the benchmarks held (they raise otherwise), and that targets were checked.
 """
 
+import json
 import re
 
 import pytest
@@ -18,7 +19,7 @@ def test_quick_run_fills_every_table(tmp_path):
     out = tmp_path / "quick.md"
     assert main(["--quick", "--repeats", "3", "--out", str(out)]) == 0
     text = out.read_text()
-    for section in ("## layer", "## training", "## compile", "## onnx", "## mixed", "## targets"):
+    for section in ("## layer", "## training", "## compile", "## onnx", "## mixed", "## scale", "## targets"):
         assert section in text
     for contender in ("limit: compiled base", "miss_backend merged", "PEFT MiSS eager", "PEFT LoRA r=8 compiled",
                       "bat: miss_backend", "mini: miss_backend", "limit: compiled base, frozen",
@@ -29,8 +30,10 @@ def test_quick_run_fills_every_table(tmp_path):
     assert len(times) > 30 and all(ms > 0 for ms in times)
     targets = text.split("## targets")[1]
     assert targets.count("| yes |") + targets.count("| **no** |") >= 10
-    # the same report twice: every row's median is its one ratio, over 2 runs
-    summary = across([text, text])
+    # the same run's JSON rows twice: every row's median is its one ratio, over 2 runs
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert {row["table"] for row in rows} >= {"layer", "training", "compile", "onnxruntime", "mixed", "scale"}
+    summary = across([rows, rows])
     ours = re.search(r"^\| miss_backend \| ([0-9.]+) \| ([0-9.]+) - ([0-9.]+) \| 2 \|$", summary, flags=re.MULTILINE)
     assert ours and ours.group(1) == ours.group(2) == ours.group(3)
     assert "| miss_backend merged / frozen limit |" in summary
