@@ -13,6 +13,8 @@ from miss_compile.timing import interleaved_ms
 from .models import DTYPES, OneLinear, peft_lora, peft_miss
 
 FROZEN_LIMIT = "limit: compiled base, frozen (for merged)"
+REDUCE_OVERHEAD_LIMIT = "limit: compiled base, mode=reduce-overhead (CUDA only)"
+REDUCE_OVERHEAD = "miss_backend, mode=reduce-overhead (CUDA only)"
 
 
 def _contenders(features: int, r: int, dtype: torch.dtype, fp32_adapters: bool) -> dict[str, tuple[nn.Module, object]]:
@@ -76,6 +78,12 @@ def run(quick: bool, device: str, repeats: int, dtypes: list[str] | None = None)
         contenders = {name: (module.to(device), backend)
                       for name, (module, backend) in _contenders(features, r, dtype, fp32_adapters).items()}
         runners = {name: _compiled(name, module, backend) for name, (module, backend) in contenders.items()}
+        if device == "cuda":  # CUDA graphs: what decode needs, one launch per step
+            for name, base_name in ((REDUCE_OVERHEAD_LIMIT, "limit: compiled base"), (REDUCE_OVERHEAD, "miss_backend")):
+                module, backend = contenders[base_name]
+                contenders[name] = (module, "inductor" if backend == "inductor" else "miss")
+                runners[name] = torch.compile(module, backend=contenders[name][1], mode="reduce-overhead",
+                                              dynamic=False, fullgraph=True)
         for input_name, (batch, tokens) in inputs.items():
             x = torch.randn(batch, tokens, features, dtype=dtype, device=device)
             with torch.no_grad():
