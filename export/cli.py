@@ -35,6 +35,7 @@ from miss_compile.lora import to_lora
 from miss_compile.quiet import quiet_library_noise
 
 from .adapters import write_onnx_adapter
+from .genai import export_genai_folder
 from .inputs import text_inputs
 from .inspection import describe
 from .onnx import export_onnx
@@ -142,6 +143,9 @@ def _export_parser() -> argparse.ArgumentParser:
                         help="batch size of the example inputs the export traces and validates with (>= 2; default 2)")
     parser.add_argument("--seq", type=_at_least_two, default=8,
                         help="sequence length of the example inputs (>= 2; default 8)")
+    parser.add_argument("--task", choices=["text-generation-with-past"], default=None,
+                        help="text-generation-with-past: OUT is a folder for onnxruntime-genai (KV-cache model.onnx, "
+                             "genai_config.json, BASE's tokenizer files; --unmerged adds adapters/NAME.onnx_adapter)")
     return parser
 
 
@@ -221,12 +225,17 @@ def _main_export(args: argparse.Namespace) -> int:
     _check_folders(args.base, args.adapter)
     start = time.perf_counter()
     adapter_path = args.output.with_suffix(".onnx_adapter") if args.unmerged else None
-    progress = _Progress(steps=3 + (adapter_path is not None))
+    progress = _Progress(steps=2 if args.task else 3 + (adapter_path is not None))
     if args.adapter is None:
         model = progress.step(f"loading {args.base} (no adapter)", lambda: _load_base(args.base))
     else:
         model = progress.step(f"loading {args.base} with adapter {args.adapter}",
                               lambda: load_adapter(_load_base(args.base), args.adapter, args.adapter_name))
+    if args.task == "text-generation-with-past":
+        folder = progress.step(f"writing the onnxruntime-genai folder {args.output}", lambda: export_genai_folder(
+            model, args.output, merged=not args.unmerged, tokenizer_from=args.base, dtype=DTYPES[args.dtype]))
+        print(f"summary: {folder}, {time.perf_counter() - start:.1f}s in all")
+        return 0
     inputs = _example_inputs(model, args.batch, args.seq)
     kind = "unmerged" if args.unmerged else "merged" if args.adapter is not None else "base model"
     result = progress.step(

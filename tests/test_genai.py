@@ -35,14 +35,19 @@ ADAPTED = {  # arch -> (MissConfig, PEFT's or ours)
 }
 
 
-def adapted(arch: str, seed: int) -> torch.nn.Module:
-    config, kind = ADAPTED[arch]
+def base_model(arch: str) -> torch.nn.Module:
     base = build(arch)
     base.config.eos_token_id = base.generation_config.eos_token_id = EOS
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # larger weights than the init's: varied tokens, not one token repeated
         for weight in (p for p in base.parameters() if p.dim() == 2):
             weight.normal_(0, 0.3, generator=generator)
+    return base
+
+
+def adapted(arch: str, seed: int) -> torch.nn.Module:
+    config, kind = ADAPTED[arch]
+    base = base_model(arch)
     if kind == "peft":
         model = peft.get_peft_model(base, config.to_peft())
     else:
@@ -248,3 +253,34 @@ def test_a_folder_genai_does_not_run_as_torch_is_not_written(tmp_path, monkeypat
     with pytest.raises(RuntimeError, match=r"onnxruntime-genai's logits with adapter None differ from torch's by"):
         export_genai_folder(adapted("llama", seed=2), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_cli_writes_the_folder(tmp_path, capsys):
+    """miss-export BASE --adapter DIR -o OUT_DIR --task text-generation-with-past --unmerged: the PEFT model's
+    tokens through the folder's adapter file, and the base's tokenizer beside the graph."""
+    from miss_compile.export.cli import main
+
+    model = adapted("llama", seed=2)
+    base_model("llama").save_pretrained(tmp_path / "base")
+    char_tokenizer(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "genai"
+    assert main([str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "-o", str(out),
+                 "--task", "text-generation-with-past", "--unmerged"]) == 0
+    assert "onnxruntime-genai folder (unmerged, adapters ['default'])" in capsys.readouterr().out
+    assert {"tokenizer.json", "tokenizer_config.json", "genai_config.json", "model.onnx", "adapters"} <= {
+        p.name for p in out.iterdir()}
+    ids = prompts(2)
+    assert genai_tokens(out, ids, adapter="default") == expected_tokens(model, ids)
+
+
+def test_cli_refuses_an_encoder(tmp_path, capsys):
+    from miss_compile.export.cli import main
+
+    build("bert").save_pretrained(tmp_path / "bert")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "bert"), "-o", str(tmp_path / "out"), "--task", "text-generation-with-past"])
+    assert exit_info.value.code == 2
+    assert "BertModel (bert) is not a causal LM and keeps no KV cache" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
