@@ -4,8 +4,9 @@
         export_onnx(...)
 
 Filtered: torch.onnx's "torchvision is not installed. Skipping torchvision::nms" lines (it lists
-torchvision's ops whether or not a model uses them) and torch.export's `LeafSpec` FutureWarning
-(raised inside torch by its own pytree code). Anything else, other FutureWarnings included, still shows.
+torchvision's ops whether or not a model uses them), torch.export's `LeafSpec` FutureWarning
+(raised inside torch by its own pytree code) and torch.onnx's "The axis name: sequence will not be
+used" UserWarning (two inputs sharing a dynamic axis, as input_ids and attention_mask do). Anything else, other FutureWarnings included, still shows.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ __all__ = ["quiet_library_noise", "NOISY_LOGGERS", "NOISY_WARNINGS"]
 # logger name -> the start of the messages it logs that are dropped
 NOISY_LOGGERS = {"torch.onnx._internal.exporter._registration": "torchvision is not installed"}
 # (message regex, category) of the warnings that are ignored
-NOISY_WARNINGS = [(r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)]
+NOISY_WARNINGS = [
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+    # torch.onnx renaming dynamic axes that torch.export already found equal (batch/sequence of every input)
+    (r"# The axis name: .* will not be used, since it shares the same shape constraints", UserWarning),
+]
 
 
 class _DropMessages(logging.Filter):

@@ -250,6 +250,8 @@ def test_library_noise_is_filtered_narrowly(caplog):
         registration.warning("something else")
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
         warnings.warn("another deprecation", FutureWarning, stacklevel=1)
+        warnings.warn("# The axis name: sequence will not be used, since it shares the same shape constraints "
+                      "with another axis: sequence.", UserWarning, stacklevel=1)
     assert [r.getMessage() for r in caplog.records] == ["something else"]
     assert [str(w.message) for w in caught] == ["another deprecation"]
     caplog.clear()
