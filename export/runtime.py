@@ -30,7 +30,7 @@ import torch
 
 from .adapters import NO_BLOCKS, adapter_fit_problems, read_onnx_adapter, signature
 from .inputs import with_default_inputs
-from .names import is_stack_input
+from .names import is_block_input, is_stack_input, split_block_input
 
 __all__ = ["load_session", "MissSession", "AdapterFile"]
 
@@ -227,10 +227,30 @@ class MissSession:
         elif adapter is not None:
             inputs = self._with_adapter(inputs, adapter, partial)
         self._check_ids(inputs)
-        if self.device == "cuda" or self.io_binding:
-            return self._run_bound(inputs, options)
-        feeds = {name: value.detach().cpu().numpy() for name, value in inputs.items()}
-        return [torch.from_numpy(np.asarray(out)) for out in self.session.run(None, feeds, options)]
+        try:
+            if self.device == "cuda" or self.io_binding:
+                return self._run_bound(inputs, options)
+            feeds = {name: value.detach().cpu().numpy() for name, value in inputs.items()}
+            return [torch.from_numpy(np.asarray(out)) for out in self.session.run(None, feeds, options)]
+        except Exception as error:  # onnxruntime's own error types
+            if isinstance(adapter, ort.LoraAdapter) and "Invalid input name: " in str(error):
+                raise self._unknown_adapter_input(str(error)) from error
+            raise
+
+    def _unknown_adapter_input(self, message: str) -> ValueError:
+        """onnxruntime's "Invalid input name" for an ort.LoraAdapter, said in graph terms."""
+        name = message.rpartition("Invalid input name: ")[2].strip()
+        if not self._overridable:
+            return ValueError(f"the ort.LoraAdapter feeds {name!r}, and this session's graph {NO_BLOCKS}")
+        layer, file_name = split_block_input(name) if is_block_input(name) else (name, None)
+        graph_names = sorted({split_block_input(n)[1] for n in self._overridable
+                              if is_block_input(n) and split_block_input(n)[0] == layer})
+        if file_name is None or not graph_names:
+            return ValueError(f"the ort.LoraAdapter feeds {name!r}, which is not an overridable input of this graph")
+        return ValueError(
+            f"the ort.LoraAdapter holds blocks for adapter name {file_name!r} ({name!r}) while the graph was exported "
+            f"with {graph_names}: write the file again with write_onnx_adapter(..., as_name={graph_names[0]!r}), or "
+            f"export the graph with the file's name (miss-export --adapter-name {file_name})")
 
     def _check_ids(self, inputs: Mapping[str, torch.Tensor]) -> None:
         """Ids from -1 to n - 1 for the n adapters of the stacks this run uses: Gather would take -2 as

@@ -261,3 +261,22 @@ def test_library_noise_is_filtered_narrowly(caplog):
         registration.warning("torchvision is not installed. Skipping %s", "torchvision::nms")  # outside: shown
     assert len(caplog.records) == 1 and len(caught) == 1
 
+
+
+def test_an_ort_lora_adapter_with_another_name_or_on_a_merged_graph_is_named(folders, unmerged, base_only, tmp_path):
+    """onnxruntime's own LoraAdapter is fed unchecked; its 'Invalid input name' is said in graph terms."""
+    import onnxruntime as ort
+
+    root, _, _ = folders
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(write_onnx_adapter(root / "mini", tmp_path / "default.onnx_adapter")))
+    with pytest.raises(ValueError, match=r"the ort.LoraAdapter holds blocks for adapter name 'default' .* exported with "
+                                         r"\['foo'\]: write the file again with write_onnx_adapter\(\.\.\., as_name='foo'\)"):
+        load_session(unmerged, device="cpu").run({"input_ids": input_ids()}, adapter=adapter)
+    with pytest.raises(ValueError, match=r"this session's graph has no overridable blocks: it is a merged export"):
+        load_session(base_only, device="cpu").run({"input_ids": input_ids()}, adapter=adapter)
+    fitting = ort.LoraAdapter()
+    fitting.Load(str(write_onnx_adapter(root / "mini", tmp_path / "foo.onnx_adapter", unmerged, as_name="foo")))
+    session = load_session(unmerged, device="cpu")
+    torch.testing.assert_close(session.run({"input_ids": input_ids()}, adapter=fitting)[0],
+                               session.run({"input_ids": input_ids()}, adapter=tmp_path / "foo.onnx_adapter")[0])
