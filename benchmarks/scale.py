@@ -99,6 +99,14 @@ def _rows(setting: str, times: dict[str, float], memory: dict[str, float] | None
              "trainable": trainable_parameters(models[name][0])} for name, ms in times.items()]
 
 
+def _print(rows: list[dict]) -> list[dict]:
+    """Each setting as it is measured: at this shape a setting takes minutes on a CPU."""
+    from .report import table
+
+    print(table(rows, ("setting",), ("contender", "ms", "ratio", "vs_stock", "peak_mib", "trainable")), flush=True)
+    return rows
+
+
 def run(quick: bool, device: str, repeats: int, tokens: tuple[int, ...] = (512,), dtype_name: str = "fp32",
         checkpointing: bool = True) -> list[dict]:
     """--quick: a tiny shape, 32 tokens, the training step only (every setting is four more compiles)."""
@@ -125,7 +133,7 @@ def run(quick: bool, device: str, repeats: int, tokens: tuple[int, ...] = (512,)
             times = interleaved_ms(steps, repeats, warmup=1, device=device)
             memory = {contender: step_peak_mib(step, device, steps=1) for contender, step in steps.items()}
             setting = f"{name}, batch 1x{seq}, {dtype_name}, training" + (", checkpointing" if checkpointed else "")
-            rows += _rows(setting, times, memory, models)
+            rows += _print(_rows(setting, times, memory, models))
         if quick:
             continue
         torch._dynamo.reset()
@@ -134,5 +142,5 @@ def run(quick: bool, device: str, repeats: int, tokens: tuple[int, ...] = (512,)
         prefills = {contender: _prefill(model, backend, input_ids) for contender, (model, backend) in models.items()}
         _check("prefill logits", prefills[OURS](), prefills[STOCK](), tolerance)
         times = interleaved_ms(prefills, repeats, warmup=1, device=device)
-        rows += _rows(f"{name}, batch 1x{seq}, {dtype_name}, prefill", times, None, models)
+        rows += _print(_rows(f"{name}, batch 1x{seq}, {dtype_name}, prefill", times, None, models))
     return rows
