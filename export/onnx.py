@@ -91,8 +91,13 @@ def export_onnx(
     dynamic_shapes: Any = None,
     metadata: Mapping[str, str] | None = None,
     validation_inputs: Sequence[Mapping[str, Any]] = (),
+    with_past: bool = False,
 ) -> ExportResult:
     """Export `model(*args, **kwargs)` to `path`; validates on onnxruntime unless validate=False.
+
+    with_past=True: a decoder-only causal LM with its KV cache (export.causal_lm.export_causal_lm: the
+        graph builds its own example inputs, so args, kwargs other than adapter_ids, and the naming and
+        shape options are refused).
 
     Every tensor in args / kwargs (attention_mask, token_type_ids, position_ids, ... as passed) is a
     graph input, batch and sequence dynamic; outputs take the model's own names (`logits`, ...) when it
@@ -108,6 +113,9 @@ def export_onnx(
     metadata: extra metadata_props (str -> str) beside the provenance (keys starting `miss_compile.`).
     validation_inputs: more kwargs sets (each complete, like `kwargs`) validated before saving.
     """
+    if with_past:
+        return _export_with_past(model, args, kwargs, path, merged, opset, dynamic, dtype, external_data, validate,
+                                 input_names, output_names, dynamic_shapes, metadata, validation_inputs)
     start = time.perf_counter()
     path, kwargs = Path(path), dict(kwargs or {})
     _check_request(path, opset, kwargs, merged, metadata)
@@ -384,3 +392,18 @@ def _quiet(logger_name: str) -> Iterator[None]:
         yield
     finally:
         quieted.setLevel(level)
+
+
+def _export_with_past(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None, path: str | os.PathLike,
+                      merged: bool, opset: int, dynamic: bool, dtype: torch.dtype | None,
+                      external_data: bool | None, validate: bool, *options: Any) -> ExportResult:
+    kwargs = dict(kwargs or {})
+    adapter_ids = kwargs.pop("adapter_ids", None)
+    if args or kwargs or not dynamic or any(option for option in options):
+        raise ValueError("export_onnx(with_past=True) builds the KV-cache graph's inputs itself (input_ids, "
+                         "attention_mask, position_ids, past_key_values.{i}.key/value): pass only the model, path, "
+                         "merged, dtype, opset, external_data, validate and kwargs={'adapter_ids': ...} for stacks")
+    from .causal_lm import export_causal_lm  # causal_lm builds on this module
+
+    return export_causal_lm(model, path, merged=merged, adapter_ids=adapter_ids, dtype=dtype, opset=opset,
+                            external_data=external_data, validate=validate)

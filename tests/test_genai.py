@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnxruntime_genai as og  # a dependency of this feature: ./dev installs it
 import peft
 import pytest
 import torch
@@ -22,8 +23,6 @@ from miss_compile import MissConfig, apply_miss
 from miss_compile.export import write_onnx_adapter
 from miss_compile.export.genai import GENAI_ARCHITECTURES, export_genai_folder
 from miss_compile.peft_compat import model_root
-
-og = pytest.importorskip("onnxruntime_genai")  # a dependency of this feature: ./dev installs it
 
 NEW = 24
 EOS = 2  # the tiny configs' eos (Qwen2's names none; GPT-2's 50256 is past the tiny vocab)

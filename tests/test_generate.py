@@ -41,7 +41,10 @@ def exported(tmp_path_factory):
         if (name, merged) not in cache:
             model = adapted(name, seed=2)
             path = tmp_path_factory.mktemp(f"{name}-{'merged' if merged else 'unmerged'}") / "model.onnx"
-            export_causal_lm(model, path, merged=merged)
+            if merged:
+                export_causal_lm(model, path, merged=True)
+            else:  # the same export through export_onnx's with_past=True
+                export_onnx(model, path=path, merged=False, with_past=True)
             cache[name, merged] = path, model, adapted(name, seed=3)
         return cache[name, merged]
 
@@ -139,6 +142,14 @@ def test_refuses_an_encoder_before_writing(tmp_path):
     path = tmp_path / "bert.onnx"
     with pytest.raises(ValueError, match=r"BertModel is not a decoder-only causal LM with a KV cache.*Llama, Qwen2"):
         export_causal_lm(build("bert"), path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_with_past_refuses_inputs_it_builds_itself(tmp_path):
+    with pytest.raises(ValueError, match=r"with_past=True\) builds the KV-cache graph's inputs itself"):
+        export_onnx(build("llama"), (torch.ones(1, 3, dtype=torch.long),), path=tmp_path / "m.onnx", with_past=True)
+    with pytest.raises(ValueError, match=r"BertModel is not a decoder-only causal LM"):
+        export_onnx(build("bert"), path=tmp_path / "m.onnx", with_past=True)
     assert not list(tmp_path.iterdir())
 
 

@@ -251,11 +251,11 @@ def test_cli_combines_peft_adapter_subfolders(tmp_path):
 @pytest.mark.slow
 def test_onnxruntime_genai_model_builder_route(tmp_path):
     """MiSS -> to_lora -> onnxruntime-genai's model builder (adapter_path=) -> the MiSS model's greedy tokens.
-    Needs onnxruntime-genai (not a project dependency: install it with --no-deps beside onnxruntime-gpu)."""
-    og = pytest.importorskip("onnxruntime_genai")
+    Needs onnxruntime-genai, which ./dev installs (--no-deps, beside onnxruntime-gpu)."""
     import subprocess
     import sys
 
+    import onnxruntime_genai as og  # installed by ./dev: the genai folders depend on it
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     def llama16():  # genai's GroupQueryAttention needs head_size % 16 == 0
