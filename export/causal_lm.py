@@ -1,4 +1,4 @@
-"""export_causal_lm: a decoder-only causal LM (PEFT MiSS, ours, or plain) to one ONNX graph with a KV cache.
+"""The KV-cache export (export_causal_lm, export_onnx(with_past=True)): a decoder-only causal LM (PEFT MiSS, ours, or plain) to one ONNX graph with a KV cache.
 
     inputs   input_ids [batch, sequence] int64, attention_mask [batch, past_sequence + sequence] int64,
              position_ids [batch, sequence] int64 (models whose forward takes them),
@@ -18,8 +18,6 @@ adapters) and stacked (`adapter_ids`) exports work as in export_onnx, which does
 from __future__ import annotations
 
 import inspect
-import os
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,10 +28,7 @@ from transformers.cache_utils import DynamicLayer
 
 from miss_compile.peft_compat import from_peft, model_root
 
-from .onnx import ExportResult, export_onnx
-from .translation import OPSET
-
-__all__ = ["export_causal_lm", "CacheLayout", "cache_layout", "past_name", "present_name", "positions_from_mask", "KINDS"]
+__all__ = ["cache_export", "CacheExport", "CacheLayout", "cache_layout", "past_name", "present_name", "positions_from_mask", "KINDS"]
 
 KINDS = ("key", "value")
 # distinct, none 0 or 1 (torch.export specializes those); mask lengths (7; 5, 7, 9 in the checks) unlike common
@@ -149,18 +144,22 @@ def _left_padded(lengths: list[int], total: int) -> torch.Tensor:
     return torch.stack([torch.arange(total) >= total - length for length in lengths]).long()
 
 
-def export_causal_lm(
-    model: nn.Module,
-    path: str | os.PathLike = "model.onnx",
-    merged: bool = False,
-    adapter_ids: torch.Tensor | None = None,
-    dtype: torch.dtype | None = None,
-    opset: int = OPSET,
-    external_data: bool | None = None,
-    validate: bool = True,
-) -> ExportResult:
-    """Export a causal LM with its KV cache (see the module docstring for the graph); validated on onnxruntime
-    at past length 0 (a left-padded prefill), at sequence 1 (decode) and at other sizes unless validate=False.
+@dataclass
+class CacheExport:
+    """What export_onnx needs to trace a causal LM with its cache: the model taking flat tensors, the
+    example, the graph's names and dynamic shapes, and the sizes validated besides (past 0, sequence 1)."""
+
+    module: nn.Module
+    example: dict[str, torch.Tensor]
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_shapes: dict[str, Any]
+    validation_inputs: list[dict[str, torch.Tensor]]
+
+
+def cache_export(model: nn.Module, adapter_ids: torch.Tensor | None = None,
+                 dtype: torch.dtype | None = None) -> CacheExport:
+    """The KV-cache export of `model` (see the module docstring for the graph); refuses what has no cache.
     `adapter_ids` (stacked models): an example [batch] of ids, which makes adapter_ids a graph input."""
     _refuse_non_causal(model_root(model))
     copy = from_peft(model)  # our layers; the class swap below changes this copy only
@@ -183,14 +182,8 @@ def export_causal_lm(
         for inputs in [example, *checks]:  # the example's ids, repeated to each batch
             rows = inputs["input_ids"].shape[0]
             inputs["adapter_ids"] = adapter_ids.to(device).repeat(rows)[:rows]
-    with warnings.catch_warnings():
-        # torch names a dim once and warns for every other input that shares it: by design here
-        warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used")
-        return export_onnx(
-            copy, kwargs=example, path=path, merged=merged, opset=opset, dtype=dtype, external_data=external_data,
-            validate=validate, input_names=[*layout.input_names, *extra], output_names=layout.output_names,
-            dynamic_shapes=_dynamic_shapes(layout, extra), validation_inputs=checks,
-        )
+    return CacheExport(copy, example, [*layout.input_names, *extra], layout.output_names,
+                       _dynamic_shapes(layout, extra), checks)
 
 
 def _dynamic_shapes(layout: CacheLayout, extra: list[str]) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from miss_compile.peft_compat import model_root, named_miss_layers
 
 from .adapters import adapter_fit_problems, adapter_parameters, read_onnx_adapter, write_onnx_adapter
 from .names import is_block_input
+from .onnx import export_causal_lm
 
 __all__ = ["export_genai_folder", "GenaiFolder", "GENAI_ARCHITECTURES", "TOKENIZER_FILES"]
 
@@ -228,8 +229,6 @@ def _tokenizer_folder(lm: nn.Module, tokenizer_from: str | os.PathLike | None) -
 def _write_folder(model: nn.Module, staged: Path, merged: bool, graph_adapter: str | None,
                   sources: dict[str, AdapterSource], expected: dict, tokenizer_folder: Path | None,
                   context_length: int | None, dtype: torch.dtype | None, device: str, model_type: str) -> dict[str, Any]:
-    from .causal_lm import export_causal_lm
-
     graph_path = staged / "model.onnx"
     export_causal_lm(model, graph_path, merged=merged, dtype=dtype)
     graph = onnx.load(str(graph_path), load_external_data=False).graph

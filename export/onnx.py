@@ -40,11 +40,12 @@ from miss_compile.stacked import has_stacks, refresh_stacks
 
 from . import inputs
 from . import validate as validation
+from .causal_lm import cache_export
 from .functions import group_into_functions
 from .names import BLOCK_MARKER, STACK_SUFFIX, is_overridable_input, is_stack_input
 from .translation import OPSET, TRANSLATIONS
 
-__all__ = ["export_onnx", "ExportResult", "BLOCK_MARKER", "STACK_SUFFIX", "IR_VERSION", "METADATA_PREFIX",
+__all__ = ["export_onnx", "export_causal_lm", "ExportResult", "BLOCK_MARKER", "STACK_SUFFIX", "IR_VERSION", "METADATA_PREFIX",
            "prepare", "fold_adapters", "provenance"]
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def export_onnx(
 ) -> ExportResult:
     """Export `model(*args, **kwargs)` to `path`; validates on onnxruntime unless validate=False.
 
-    with_past=True: a decoder-only causal LM with its KV cache (export.causal_lm.export_causal_lm: the
+    with_past=True: a decoder-only causal LM with its KV cache (export_causal_lm below: the
         graph builds its own example inputs, so args, kwargs other than adapter_ids, and the naming and
         shape options are refused).
 
@@ -403,7 +404,30 @@ def _export_with_past(model: nn.Module, args: tuple, kwargs: dict[str, Any] | No
         raise ValueError("export_onnx(with_past=True) builds the KV-cache graph's inputs itself (input_ids, "
                          "attention_mask, position_ids, past_key_values.{i}.key/value): pass only the model, path, "
                          "merged, dtype, opset, external_data, validate and kwargs={'adapter_ids': ...} for stacks")
-    from .causal_lm import export_causal_lm  # causal_lm builds on this module
-
     return export_causal_lm(model, path, merged=merged, adapter_ids=adapter_ids, dtype=dtype, opset=opset,
                             external_data=external_data, validate=validate)
+
+
+def export_causal_lm(
+    model: nn.Module,
+    path: str | os.PathLike = "model.onnx",
+    merged: bool = False,
+    adapter_ids: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    opset: int = OPSET,
+    external_data: bool | None = None,
+    validate: bool = True,
+) -> ExportResult:
+    """A decoder-only causal LM to one ONNX graph with its KV cache (the graph: export.causal_lm), validated
+    on onnxruntime at past length 0 (a left-padded prefill), at sequence 1 (decode) and at other sizes
+    unless validate=False. `adapter_ids` (stacked models): an example [batch] of ids, a graph input."""
+    request = cache_export(model, adapter_ids, dtype)
+    with warnings.catch_warnings():
+        # torch names a dim once and warns for every other input that shares it: by design here
+        warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used")
+        return export_onnx(
+            request.module, kwargs=request.example, path=path, merged=merged, opset=opset, dtype=dtype,
+            external_data=external_data, validate=validate, input_names=request.input_names,
+            output_names=request.output_names, dynamic_shapes=request.dynamic_shapes,
+            validation_inputs=request.validation_inputs,
+        )

@@ -131,26 +131,14 @@ def test_cycles_finds_a_cycle_and_only_cycles():
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
-# The one cycle left (issue 14, to be removed, never grown): MissSession.generate imports export.generate
-# in its body, and generate takes past_name / present_name / KINDS / positions_from_mask from causal_lm,
-# which imports the exporter (onnx -> validate -> runtime). Moving those four out of causal_lm (names.py,
-# inputs.py) ends it; then empty this set.
-KNOWN_CYCLE = {
-    "miss_compile.export.causal_lm -> miss_compile.export.onnx",
-    "miss_compile.export.generate -> miss_compile.export.causal_lm",
-    "miss_compile.export.onnx -> miss_compile.export.validate",
-    "miss_compile.export.runtime -> miss_compile.export.generate",
-    "miss_compile.export.validate -> miss_compile.export.runtime",
-}
 
 
 def test_no_import_cycle_in_the_library():
     graph = import_graph()
     found = {f"{module} -> {target}" for component in cycles(graph) for module in component
              for target in graph[module] & set(component)}
-    assert found == KNOWN_CYCLE, (
-        "modules that import each other (function-level imports count): move what both need into a third; "
-        "when the known cycle is gone, empty KNOWN_CYCLE")
+    assert found == set(), (
+        "modules that import each other (function-level imports count): move what both need into a third")
 
 
 def test_no_module_imports_a_private_name_of_another():

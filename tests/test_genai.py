@@ -244,10 +244,10 @@ def test_a_folder_in_use_is_not_overwritten(tmp_path):
 def test_a_folder_genai_does_not_run_as_torch_is_not_written(tmp_path, monkeypatch):
     """The final check opens the staged folder in genai and compares its logits with torch's: a graph of
     other blocks (standing in for any config that misdescribes the graph) fails it, and nothing is written."""
-    import miss_compile.export.causal_lm as causal_lm
+    import miss_compile.export.genai as genai
 
-    export = causal_lm.export_causal_lm
-    monkeypatch.setattr(causal_lm, "export_causal_lm",
+    export = genai.export_causal_lm
+    monkeypatch.setattr(genai, "export_causal_lm",
                         lambda model, path, **kwargs: export(adapted("llama", seed=11), path, **kwargs))
     with pytest.raises(RuntimeError, match=r"onnxruntime-genai's logits with adapter None differ from torch's by"):
         export_genai_folder(adapted("llama", seed=2), tmp_path / "out")
