@@ -2,7 +2,8 @@
 (when an attention mask is an input), another size (dynamic exports) and any inputs the caller adds.
 
 Only the positions the case's attention mask keeps are compared (padded positions mean nothing):
-an output [batch, ...] is masked along its first axis after batch whose size is the mask's length;
+an output [batch, ...] is masked along its first axis after batch whose size is the mask's length
+and whose size the graph leaves dynamic (a KV cache's head count may equal the mask's length);
 when no axis has that length and the output's sequence axis (dim 1 of a 3-D or larger output) is
 shorter than the mask (a KV-cache step: the mask covers past + current), along that axis with the
 mask's last columns. Other outputs (pooled rows, outputs without a batch axis) are compared whole.
@@ -10,7 +11,7 @@ mask's last columns. Other outputs (pooled rows, outputs without a batch axis) a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,14 +60,17 @@ def expected_outputs(model: nn.Module, cases: Sequence[Case]) -> list[list[torch
             for case in cases]
 
 
-def kept_positions(output: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+def kept_positions(output: torch.Tensor, mask: torch.Tensor | None,
+                   static_axes: Collection[int] = ()) -> torch.Tensor | None:
     """Bool, broadcastable to `output`: the elements at positions `mask` keeps (see the module's rule);
-    None when every element is compared."""
+    None when every element is compared. static_axes: the output's axes of fixed size in the graph
+    (heads, head size, vocab), never a sequence axis."""
     if mask is None or output.dim() < 2 or output.shape[0] != mask.shape[0]:
         return None
     batch, length = mask.shape
     keep = mask != 0
-    axis = next((axis for axis in range(1, output.dim()) if output.shape[axis] == length), None)
+    axis = next((axis for axis in range(1, output.dim())
+                 if output.shape[axis] == length and axis not in static_axes), None)
     if axis is None:
         if output.dim() < 3 or output.shape[1] > length:
             return None
@@ -74,6 +78,14 @@ def kept_positions(output: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
     shape = [batch] + [1] * (output.dim() - 1)
     shape[axis] = output.shape[axis]
     return keep.reshape(shape)
+
+
+def _static_axes(shape: Sequence[int | str | None]) -> set[int]:
+    """The axes a graph fixes in size, where it leaves some other axis dynamic; none in a static export,
+    where the sequence axis is fixed too."""
+    if all(isinstance(size, int) for size in shape):
+        return set()
+    return {axis for axis, size in enumerate(shape) if isinstance(size, int)}
 
 
 def _errors(got: torch.Tensor, want: torch.Tensor, keep: torch.Tensor | None) -> tuple[float, float]:
@@ -99,6 +111,7 @@ def validate_export(model: nn.Module, path: Path, cases: Sequence[Case],
     if expected is None:
         expected = expected_outputs(model, cases)
     worst_abs, worst_rel = 0.0, 0.0
+    static_axes = {output.name: _static_axes(output.shape) for output in session.session.get_outputs()}
     for case, wanted in zip(cases, expected, strict=True):
         actual = session.run(feeds(session.input_names, case.args, case.kwargs))
         if len(actual) != len(wanted):
@@ -107,7 +120,7 @@ def validate_export(model: nn.Module, path: Path, cases: Sequence[Case],
             if tuple(got.shape) != tuple(want.shape):
                 raise ValueError(f"{path}: output {name!r} on {case.what} has shape {tuple(got.shape)} in onnxruntime "
                                  f"and {tuple(want.shape)} in torch; the export is wrong, not saved")
-            error, relative = _errors(got, want, kept_positions(want, case.mask))
+            error, relative = _errors(got, want, kept_positions(want, case.mask, static_axes[name]))
             tolerance = TOLERANCE.get(want.dtype, 1e-4)
             if error > tolerance and relative > tolerance:
                 raise ValueError(

@@ -112,6 +112,9 @@ def test_kept_positions_rule():
     prefix = torch.zeros(2, 2, 5)  # two new tokens: the mask's last two columns
     assert kept_positions(prefix, mask).flatten().tolist() == [True, True, True, True]
     assert kept_positions(torch.zeros(2, 7), mask) is None  # pooled rows: compared whole
+    heads_like_length = torch.zeros(2, 4, 4, 5)  # [batch, kv_heads = 4 = mask length, past + seq, head_dim]
+    assert kept_positions(heads_like_length, mask).shape == (2, 4, 1, 1)  # by size alone: the heads axis
+    assert kept_positions(heads_like_length, mask, static_axes={1, 3}).shape == (2, 1, 4, 1)
     assert kept_positions(logits, None) is None
 
 
