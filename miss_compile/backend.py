@@ -113,8 +113,11 @@ def inductor_options(mode: str | None = None, options: dict[str, Any] | None = N
 
 def _warn_if_not_adapted(report: PassReport, gm: fx.GraphModule, warned: set[tuple]) -> None:
     """WARNING, once per layer (or per graph) until torch.compiler.reset(), when the pass left MiSS
-    layers untouched or found none in a graph of Linears; a full rewrite and a graph without Linears
-    (a fragment after a graph break) stay quiet."""
+    layers untouched or found none in a graph of Linears; a full rewrite, a graph without Linears and
+    a graph of plain Linears after one this backend adapted (the LM head split off by a graph break,
+    as gradient checkpointing makes) stay quiet; layers adapted before and plain now (adapters
+    disabled) warn."""
+    warned.update(("adapted", item.layer) for item in report.rewritten)
     untouched = [(layer, why) for layer, why in report.skipped if ("untouched", layer, why) not in warned]
     if untouched:
         warned.update(("untouched", layer, why) for layer, why in untouched)
@@ -128,6 +131,9 @@ def _warn_if_not_adapted(report: PassReport, gm: fx.GraphModule, warned: set[tup
         return
     graphs = [module.graph for module in gm.modules() if isinstance(module, fx.GraphModule)]  # with HOP bodies
     linears = sorted({passes.layer_name(node) for graph in graphs for node in graph.nodes if _is_linear(node)})
+    adapted_before = any(key[0] == "adapted" for key in warned)
+    if adapted_before and not any(("adapted", layer) in warned for layer in linears):
+        return
     if linears and ("none", tuple(linears)) not in warned:
         warned.add(("none", tuple(linears)))
         logger.warning(

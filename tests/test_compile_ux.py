@@ -123,6 +123,31 @@ def test_a_model_without_miss_layers_warns_once(caplog):
     assert "down, up" in messages[0] and "miss_compile.explain(model, *inputs)" in messages[0]
 
 
+class _BreakBeforeHead(nn.Module):
+    """Adapted layers, a graph break, then a plain head: two graphs, as gradient checkpointing makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = TwoLinears()
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.body(x)
+        torch._dynamo.graph_break()
+        return self.head(hidden)
+
+
+def test_a_plain_head_split_off_after_adapted_layers_is_quiet(caplog):
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_BreakBeforeHead(), peft.MissConfig(r=4, target_modules=["up", "down"])).eval()
+    backend = make_backend()
+    x = torch.randn(2, 12)
+    with caplog.at_level(logging.WARNING, logger="miss_compile"), torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend=backend)(x), model(x), rtol=1e-5, atol=1e-6)
+    assert [len(report.rewritten) for report in backend.graph_pass.reports] == [2, 0]  # two graphs, the head's plain
+    assert _warnings(caplog) == []
+
+
 def test_a_graph_without_linears_is_quiet(caplog):
     with caplog.at_level(logging.WARNING, logger="miss_compile"):
         torch.compile(lambda x: torch.relu(x) * 2, backend=make_backend())(torch.randn(3))
