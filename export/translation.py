@@ -18,7 +18,7 @@ from onnxscript import opset18 as op
 import miss_compile.ops  # noqa: F401  (registers torch.ops.miss)
 from miss_compile.reference import accumulate_dtype, block_variant, compute_dtype
 
-__all__ = ["TRANSLATIONS", "OPSET"]
+__all__ = ["TRANSLATIONS", "OPSET", "base_linear", "chunk_sum"]
 
 OPSET = 18
 
@@ -39,7 +39,7 @@ def _dtype(policy: Callable[..., torch.dtype], *values: Value) -> ir.DataType:
     return from_torch_dtype(policy(*[to_torch_dtype(value.dtype) for value in values]))
 
 
-def _chunk_sum(adapter_input: Value, r: int) -> Value:
+def chunk_sum(adapter_input: Value, r: int) -> Value:
     """S(a): zero-pad the last dim to a multiple of r, fold it to [..., n, r], sum over n."""
     width = adapter_input.shape[-1]
     if not isinstance(width, int):
@@ -52,19 +52,23 @@ def _chunk_sum(adapter_input: Value, r: int) -> Value:
     return op.ReduceSum(folded, _ints([-2]), keepdims=0)
 
 
+def base_linear(x: Value, weight: Value, bias: Value | None) -> Value:
+    """x @ W.T + b, the frozen base Linear."""
+    result = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
+    return result if bias is None else op.Add(result, bias)
+
+
 def miss_linear(x: Value, adapter_inputs: Sequence[Value], weight: Value, bias: Value | None,
                 blocks: Sequence[Value]) -> Value:
     """y = x @ W.T + b + sum_k S(a_k) @ E(D_k); mini's [.., mini_r] product is tiled to out."""
     out_features = weight.shape[0]
-    result = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
-    if bias is not None:
-        result = op.Add(result, bias)
+    result = base_linear(x, weight, bias)
     dtype = _dtype(compute_dtype, x, *blocks)
     result = _cast(result, dtype)
     rank = len(x.shape)
     for adapter_input, block in zip(adapter_inputs, blocks, strict=True):
         r, columns = block.shape
-        product = op.MatMul(_chunk_sum(adapter_input, r), block)
+        product = op.MatMul(chunk_sum(adapter_input, r), block)
         if block_variant(block.shape, out_features) == "mini":
             # Tile the activation, not the block: the block stays an untouched, overridable input.
             product = op.Tile(product, _ints([1] * (rank - 1) + [out_features // columns]))
@@ -95,11 +99,9 @@ def stacked_linear(x: Value, adapter_ids: Value, weight: Value, bias: Value | No
     """y[b] = x[b] @ W.T + bias + S(x[b]) @ stack[ids[b]]: Gather the rows' blocks, one batched MatMul.
     Only Gather reads the stack's first dim, so a stack with more adapters runs on the same graph."""
     _, r, out_features = stack.shape
-    result = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
-    if bias is not None:
-        result = op.Add(result, bias)
+    result = base_linear(x, weight, bias)
     dtype = _dtype(compute_dtype, x, stack)
-    chunk_sums = _chunk_sum(_cast(x, stack.dtype), r)  # [batch, ..., r]
+    chunk_sums = chunk_sum(_cast(x, stack.dtype), r)  # [batch, ..., r]
     batch = op.Slice(op.Shape(x), _ints([0]), _ints([1]))
     rows = op.Reshape(chunk_sums, op.Concat(batch, _ints([-1, r]), axis=0))  # [batch, tokens, r]
     product = op.MatMul(rows, op.Gather(stack, adapter_ids, axis=0))  # [batch, tokens, out]

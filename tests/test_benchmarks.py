@@ -49,3 +49,16 @@ def test_quick_scale_table_checks_its_targets(tmp_path):
     assert all(row["ms"] > 0 and row["peak_mib"] > 0 for row in rows)
     assert "| miss_backend / PEFT MiSS compiled |" in across([rows])
     assert out.read_text().split("## targets")[1].count("8B-shaped layer") == 4
+
+
+def test_onnx_forms_are_exact_and_timed():
+    """Issue 18's alternative unmerged graph forms, each checked against torch inside the run (it raises)."""
+    from benchmarks import onnx_forms
+    from benchmarks.training import QUICK
+
+    rows = onnx_forms.run(QUICK, 8, {"batch 2 x 32": (2, 32), "batch 1 x 1": (1, 1)}, repeats=1)
+    assert {row["form"] for row in rows} == {"merged", *onnx_forms.FORMS}
+    assert len(rows) == 2 * (1 + len(onnx_forms.FORMS)) and all(row["ms"] > 0 for row in rows)
+    # r * sum(out) / sum(in * out) over q k v o gate up down of the 8B shape (KV width 1024)
+    outs, macs = 4096 * 3 + 1024 * 2 + 14336 * 2, 4096 * (4096 * 2 + 1024 * 2 + 14336 * 2) + 14336 * 4096
+    assert onnx_forms.floor(onnx_forms.SHAPES["8b"], 64) == pytest.approx(64 * outs / macs)
