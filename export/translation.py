@@ -47,8 +47,10 @@ def chunk_sum(adapter_input: Value, r: int) -> Value:
     pad = (-width) % r
     if pad:
         adapter_input = op.Pad(adapter_input, _ints([0, pad]), None, _ints([-1]))
-    leading = op.Slice(op.Shape(adapter_input), _ints([0]), _ints([-1]))
-    folded = op.Reshape(adapter_input, op.Concat(leading, _ints([-1, r]), axis=0))
+    # Reshape's 0 keeps that input dim: no Shape/Slice/Concat per Linear (they cost more than the
+    # sum itself in a one-token decode step).
+    leading = [0] * (len(adapter_input.shape) - 1)
+    folded = op.Reshape(adapter_input, _ints([*leading, (width + pad) // r, r]))
     return op.ReduceSum(folded, _ints([-2]), keepdims=0)
 
 
