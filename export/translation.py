@@ -44,12 +44,12 @@ def chunk_sum(adapter_input: Value, r: int) -> Value:
     width = adapter_input.shape[-1]
     if not isinstance(width, int):
         raise NotImplementedError("miss.linear: the feature dim of the adapter input must be static")
+    # Reshape's 0 keeps that input dim: no Shape/Slice/Concat per Linear (they cost more than the
+    # sum itself in a one-token decode step). The rank is read before Pad, whose output has no shape.
+    leading = [0] * (len(adapter_input.shape) - 1)
     pad = (-width) % r
     if pad:
         adapter_input = op.Pad(adapter_input, _ints([0, pad]), None, _ints([-1]))
-    # Reshape's 0 keeps that input dim: no Shape/Slice/Concat per Linear (they cost more than the
-    # sum itself in a one-token decode step).
-    leading = [0] * (len(adapter_input.shape) - 1)
     folded = op.Reshape(adapter_input, _ints([*leading, (width + pad) // r, r]))
     return op.ReduceSum(folded, _ints([-2]), keepdims=0)
 
