@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=list(SHAPES), default="small")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--quick", action="store_true", help="a tiny model, two inputs (the suite runs this)")
+    parser.add_argument("--quick", action="store_true", help="a tiny model, two inputs (the suite runs run() on the same)")
     args = parser.parse_args(argv)
     shape, r = (QUICK, 8) if args.quick else (SHAPES[args.shape], 64)
     inputs = {"batch 2 x 32": (2, 32), "batch 1 x 1": (1, 1)} if args.quick else INPUTS

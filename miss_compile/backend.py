@@ -26,6 +26,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -111,13 +112,28 @@ def inductor_options(mode: str | None = None, options: dict[str, Any] | None = N
     return dict(torch._TorchCompileInductorWrapper(mode, options, dynamic=None).config)
 
 
-def _warn_if_not_adapted(report: PassReport, gm: fx.GraphModule, warned: set[tuple]) -> None:
+@dataclass
+class _Warnings:
+    """What _warn_if_not_adapted said, and which layers this backend adapted, since the last
+    torch.compiler.reset()."""
+
+    said: set[tuple] = field(default_factory=set)
+    adapted: set[str] = field(default_factory=set)
+
+    def clear(self) -> None:
+        self.said.clear()
+        self.adapted.clear()
+
+
+def _warn_if_not_adapted(report: PassReport, gm: fx.GraphModule, state: _Warnings) -> None:
     """WARNING, once per layer (or per graph) until torch.compiler.reset(), when the pass left MiSS
     layers untouched or found none in a graph of Linears; a full rewrite, a graph without Linears and
     a graph of plain Linears after one this backend adapted (the LM head split off by a graph break,
     as gradient checkpointing makes) stay quiet; layers adapted before and plain now (adapters
-    disabled) warn."""
-    warned.update(("adapted", item.layer) for item in report.rewritten)
+    disabled) warn. The price: a model without adapters compiled after an adapted one, by the same
+    backend and without a reset, is not warned about."""
+    warned = state.said
+    state.adapted.update(item.layer for item in report.rewritten)
     untouched = [(layer, why) for layer, why in report.skipped if ("untouched", layer, why) not in warned]
     if untouched:
         warned.update(("untouched", layer, why) for layer, why in untouched)
@@ -131,8 +147,7 @@ def _warn_if_not_adapted(report: PassReport, gm: fx.GraphModule, warned: set[tup
         return
     graphs = [module.graph for module in gm.modules() if isinstance(module, fx.GraphModule)]  # with HOP bodies
     linears = sorted({passes.layer_name(node) for graph in graphs for node in graph.nodes if _is_linear(node)})
-    adapted_before = any(key[0] == "adapted" for key in warned)
-    if adapted_before and not any(("adapted", layer) in warned for layer in linears):
+    if state.adapted and state.adapted.isdisjoint(linears):
         return
     if linears and ("none", tuple(linears)) not in warned:
         warned.add(("none", tuple(linears)))
@@ -162,14 +177,14 @@ def make_backend(merge: bool = False, config_patches: dict[str, Any] | None = No
         patches["freezing"] = True
     patches.update(config_patches or {})
 
-    warned: set[tuple] = set()  # what _warn_if_not_adapted said since the last torch.compiler.reset()
+    warnings = _Warnings()
 
     def backend(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *, mode: str | None = None,
                 options: dict[str, Any] | None = None) -> Callable:
         # torch.compile(..., mode=, options=) reach a custom backend as these keywords (when not default).
         all_patches = {**patches, **inductor_options(mode, options)}
         report = graph_pass.rewrite(gm)
-        _warn_if_not_adapted(report, gm, warned)
+        _warn_if_not_adapted(report, gm, warnings)
         if merge and any(item.merged for item in report.rewritten):
             _warn_unless_parameters_are_constants(backend)
         # Freezing from make_backend, options= or the global config: parameters are constants from here on.
@@ -178,7 +193,7 @@ def make_backend(merge: bool = False, config_patches: dict[str, Any] | None = No
         return _checked(compiled, FrozenCheck(frozen)) if frozen else compiled
 
     backend.graph_pass = graph_pass  # reports of every graph compiled, for tests and explain()
-    backend.reset = warned.clear  # torch.compiler.reset() calls it: a fresh start warns again
+    backend.reset = warnings.clear  # torch.compiler.reset() calls it: a fresh start warns again
     backend.__name__ = "miss_backend" if not merge else "miss_backend_merged"
     return backend
 
