@@ -25,9 +25,6 @@ if TYPE_CHECKING:
 
 __all__ = ["generate"]
 
-_ORT_FLOAT = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16}
-
-
 @torch.no_grad()
 def generate(
     session: MissSession,
@@ -111,7 +108,7 @@ class _Stepper:
         if self.layers:
             first = inputs[self.past_names[0]]
             _, self.kv_heads, _, self.head_dim = first.shape
-            self.dtype = _ORT_FLOAT[first.type]
+            self.dtype = session.input_dtype(first.name)
 
     def prefill(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         batch = len(tokens)

@@ -278,6 +278,12 @@ class MissSession:
             raise ValueError(f"{both[:3]} given as inputs and by the adapter file {adapter.path}; pass one of them")
         return {**inputs, **adapter.parameters}
 
+    def input_dtype(self, name: str) -> torch.dtype | None:
+        """The torch dtype of graph input (or overridable block) `name`; None for a type torch has no dtype for."""
+        if name not in self.input_types:
+            raise KeyError(f"{name!r} is not an input of this graph; it takes {self.input_names}")
+        return _ORT_TO_TORCH.get(self.input_types[name])
+
     def _as_graph_dtype(self, name: str, value: torch.Tensor | np.ndarray) -> torch.Tensor:
         """`value` in the dtype the graph takes: int32 widens to int64 (exact, and what PyTorch accepts
         for ids); anything else that differs is refused here, by name, not by onnxruntime."""
@@ -285,7 +291,7 @@ class MissSession:
             value = torch.from_numpy(value if value.flags.writeable else value.copy())  # shares memory
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"input {name!r} must be a torch tensor or a numpy array, got {type(value).__name__}")
-        expected = _ORT_TO_TORCH.get(self.input_types.get(name, ""))
+        expected = self.input_dtype(name)
         if expected is None or value.dtype == expected:
             return value
         if value.dtype == torch.int32 and expected == torch.int64:

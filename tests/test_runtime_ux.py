@@ -113,3 +113,11 @@ def test_other_input_types_are_named(exported):
         session.run({"input_ids": [[1, 2, 3], [4, 5, 6]]})
     with pytest.raises(TypeError, match=r"input 'input_ids' is torch.float32, and the graph takes torch.int64"):
         session.run({"input_ids": np.zeros((2, 3), dtype=np.float32)})
+
+
+def test_input_dtype_names_the_graph_inputs_and_blocks(exported):
+    session = load_session(exported[1], device="cpu")
+    assert session.input_dtype("input_ids") == torch.int64
+    assert {session.input_dtype(name) for name in session.overridable_names} == {torch.float32}
+    with pytest.raises(KeyError, match=r"'past_key_values.0.key' is not an input of this graph; it takes \['input_ids"):
+        session.input_dtype("past_key_values.0.key")
