@@ -27,7 +27,7 @@ COLUMNS = {
     "compile": (("model", "cache", "rounds"), ("contender", "s", "ratio")),
     "onnxruntime": (("provider", "input"), ("contender", "ms", "ratio")),
     "mixed": (("setting",), ("contender", "ms", "ratio")),
-    "generation": (("provider", "input"), ("contender", "first_token_ms", "decode_ms", "tokens_per_s", "total_ms", "ratio")),
+    "generation": (("provider", "model", "input"), ("contender", "first_token_ms", "decode_ms", "tokens_per_s", "total_ms", "ratio")),
 }
 
 

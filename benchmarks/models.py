@@ -59,6 +59,15 @@ class OneLinear(nn.Module):
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def projections(shape: LlamaShape) -> list[tuple[int, int]]:
+    """(in, out) of one layer's seven projections, in SEVEN_PROJECTIONS' order."""
+    hidden, inter = shape.hidden, shape.intermediate
+    heads = shape.heads or max(1, hidden // 64)
+    kv = hidden // heads * (shape.kv_heads or heads)
+    return [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, inter), (hidden, inter),
+            (inter, hidden)]
+
+
 def miss_config(variant: str, r: int, targets: list[str]) -> MissConfig:
     mini_r = r if variant == "mini" else 1
     return MissConfig(r=r, variant=variant, mini_r=mini_r, target_modules=targets)

@@ -24,7 +24,7 @@ from miss_compile import make_backend
 from miss_compile.timing import interleaved_ms
 
 from .memory import step_peak_mib
-from .models import SEVEN_PROJECTIONS, LlamaShape, peft_lora, peft_miss, trainable_parameters
+from .models import SEVEN_PROJECTIONS, LlamaShape, peft_lora, peft_miss, projections, trainable_parameters
 
 SHAPE = LlamaShape(hidden=4096, intermediate=14336, layers=1, heads=32, kv_heads=8)
 QUICK = LlamaShape(hidden=128, intermediate=448, layers=1, vocab=256, heads=4, kv_heads=2)
@@ -36,12 +36,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def floor(shape: LlamaShape, r: int) -> float:
     """The block gradients' multiply-adds over the base GEMMs' (forward and x's gradient), seven projections."""
-    hidden, inter = shape.hidden, shape.intermediate
-    kv = hidden // (shape.heads or hidden // 64) * (shape.kv_heads or shape.heads or hidden // 64)
-    projections = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden),
-                   (hidden, inter), (hidden, inter), (inter, hidden)]  # (in, out): q k v o gate up down
-    base = sum(2 * in_features * out_features for in_features, out_features in projections)
-    block_gradients = sum(r * out_features for _, out_features in projections)
+    base = sum(2 * in_features * out_features for in_features, out_features in projections(shape))
+    block_gradients = sum(r * out_features for _, out_features in projections(shape))
     return block_gradients / base
 
 

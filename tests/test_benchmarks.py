@@ -19,7 +19,7 @@ def test_quick_run_fills_every_table(tmp_path):
     out = tmp_path / "quick.md"
     assert main(["--quick", "--repeats", "3", "--out", str(out)]) == 0
     text = out.read_text()
-    for section in ("## layer", "## training", "## compile", "## onnx", "## mixed", "## targets"):
+    for section in ("## layer", "## training", "## compile", "## onnx", "## mixed", "## generation", "## targets"):
         assert section in text
     for contender in ("limit: compiled base", "miss_backend merged", "PEFT MiSS eager", "PEFT LoRA r=8 compiled",
                       "bat: miss_backend", "mini: miss_backend", "limit: compiled base, frozen",
@@ -33,6 +33,14 @@ def test_quick_run_fills_every_table(tmp_path):
     # the same run's JSON rows twice: every row's median is its one ratio, over 2 runs
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert {row["table"] for row in rows} >= {"layer", "training", "compile", "onnxruntime", "mixed"}
+    generation = {(row["model"], row["contender"].removesuffix(" (CPU)")) for row in rows if row["table"] == "generation"}
+    assert {contender for model, contender in generation if model == "Llama 64 x 1 layer, r=8"} == {
+        "torch eager PEFT generate", "onnxruntime merged, with past", "onnxruntime unmerged, with past",
+        "onnxruntime unmerged, without past", "onnxruntime-genai merged", "onnxruntime-genai unmerged, adapter file"}
+    assert {contender for model, contender in generation if model == "Llama 128 x 1 layer, r=8"} == {
+        "onnxruntime merged, with past", "onnxruntime unmerged, with past"}  # the scale setting's tiny twin
+    assert targets.count("generation unmerged vs merged decode per token") == 3  # quick: batch 1, 4; scale: 2
+    assert "byte floor 1.0" in targets
     summary = across([rows, rows])
     ours = re.search(r"^\| miss_backend \| ([0-9.]+) \| ([0-9.]+) - ([0-9.]+) \| 2 \|$", summary, flags=re.MULTILINE)
     assert ours and ours.group(1) == ours.group(2) == ours.group(3)
@@ -49,6 +57,20 @@ def test_quick_scale_table_checks_its_targets(tmp_path):
     assert all(row["ms"] > 0 and row["peak_mib"] > 0 for row in rows)
     assert "| miss_backend / PEFT MiSS compiled |" in across([rows])
     assert out.read_text().split("## targets")[1].count("8B-shaped layer") == 4
+
+
+def test_byte_floor_of_the_generation_models():
+    """Blocks over the weights a decoded token reads, by hand: projections and LM head (vocab 1024)."""
+    from benchmarks import scale
+    from benchmarks.generation import byte_floor
+    from benchmarks.training import FULL
+
+    weights = 4 * (4 * 512 * 512 + 3 * 512 * 1408) + 512 * 1024  # hidden 512 (int 1408), 4 layers
+    blocks = 4 * 64 * (4 * 512 + 2 * 1408 + 512)
+    assert byte_floor(FULL, 64) == pytest.approx(1 + blocks / weights)
+    weights = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 4096 * 1024  # 8 of 32 heads for k, v
+    blocks = 64 * (2 * 4096 + 2 * 1024 + 2 * 14336 + 4096)  # out: q o, k v, gate up, down
+    assert byte_floor(scale.SHAPE, 64) == pytest.approx(1 + blocks / weights)
 
 
 def test_onnx_forms_are_exact_and_timed():
