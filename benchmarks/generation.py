@@ -110,7 +110,8 @@ def _genai_runner(folder: Path, adapter: str | None) -> Callable[[torch.Tensor, 
 
 
 def _contenders(model: torch.nn.Module, folder: Path, device: str, setting: Setting, eos: int):
-    """name -> generate(ids, new) returning token lists; the eager reference first."""
+    """(name -> generate(ids, new) returning token lists, PEFT's eager generate: the reference, timed
+    only with every contender)."""
     merged = export_genai_folder(model, folder / "merged", merged=True, check=False)
     unmerged = export_genai_folder(model, folder / "unmerged", merged=False, check=False)
     sessions = {MERGED: _session(merged.path / "model.onnx", device),
