@@ -66,8 +66,9 @@ FULL_ROUNDS = 5  # at most: a round generates every contender's tokens twice, no
 def byte_floor(shape: LlamaShape, r: int) -> float:
     """Unmerged over merged weight bytes read per decoded token: the seven projections and the LM head,
     plus the blocks (r x out each) in the unmerged graph. No unmerged form reads fewer."""
-    weights = sum(in_features * out_features for in_features, out_features in projections(shape)) * shape.layers
-    blocks = sum(r * out_features for _, out_features in projections(shape)) * shape.layers
+    layer = projections(shape)
+    weights = sum(in_features * out_features for in_features, out_features in layer) * shape.layers
+    blocks = sum(r * out_features for _, out_features in layer) * shape.layers
     return 1 + blocks / (weights + shape.hidden * shape.vocab)
 
 
@@ -132,12 +133,10 @@ def _contenders(model: torch.nn.Module, folder: Path, device: str, setting: Sett
         return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
                               min_new_tokens=new, pad_token_id=eos).tolist()
 
-    contenders = {EAGER: eager, **{name: on_session(name) for name in sessions}}
+    contenders = {name: on_session(name) for name in sessions}
     if setting.every_contender:
-        contenders[GENAI] = _genai_runner(merged.path, None)
-        contenders[GENAI_UNMERGED] = _genai_runner(unmerged.path, "default")
-    else:
-        del contenders[EAGER]  # the reference for the token check, not timed
+        contenders = {EAGER: eager, **contenders, GENAI: _genai_runner(merged.path, None),
+                      GENAI_UNMERGED: _genai_runner(unmerged.path, "default")}
     return contenders, eager
 
 

@@ -36,8 +36,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def floor(shape: LlamaShape, r: int) -> float:
     """The block gradients' multiply-adds over the base GEMMs' (forward and x's gradient), seven projections."""
-    base = sum(2 * in_features * out_features for in_features, out_features in projections(shape))
-    block_gradients = sum(r * out_features for _, out_features in projections(shape))
+    layer = projections(shape)
+    base = sum(2 * in_features * out_features for in_features, out_features in layer)
+    block_gradients = sum(r * out_features for _, out_features in layer)
     return block_gradients / base
 
 
