@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import transformers
 
-from miss_compile.checkpoint import load_adapter
+from miss_compile.checkpoint import load_adapter, read_checkpoint
 from miss_compile.lora import to_lora
 from miss_compile.quiet import quiet_library_noise
 
@@ -196,6 +196,16 @@ def _check_folders(base: Path, adapter: Path | None) -> None:
                          "(adapter_config.json); pass the folder PEFT's save_pretrained or miss_compile.save_adapter wrote")
 
 
+def _refuse_saved_modules(adapter: Path) -> None:
+    """--unmerged swaps adapters as block files: an adapter that trains whole modules cannot be one."""
+    checkpoint = read_checkpoint(adapter)
+    if checkpoint.saved:
+        raise ValueError(
+            f"--unmerged: the adapter in {adapter} trains whole modules too (modules_to_save "
+            f"{checkpoint.config.modules_to_save}), which an .onnx_adapter cannot carry (it holds MiSS blocks only, "
+            "so a swapped-in adapter would run with these modules): drop --unmerged to export it merged")
+
+
 def _load_base(folder: Path) -> torch.nn.Module:
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     architectures = getattr(config, "architectures", None) or []
@@ -223,6 +233,8 @@ def _main_export(args: argparse.Namespace) -> int:
         raise ValueError("--unmerged keeps MiSS blocks apart, and without --adapter there are none: "
                          "pass --adapter DIR, or drop --unmerged to export the base model alone")
     _check_folders(args.base, args.adapter)
+    if args.unmerged:
+        _refuse_saved_modules(args.adapter)
     start = time.perf_counter()
     adapter_path = args.output.with_suffix(".onnx_adapter") if args.unmerged else None
     progress = _Progress(steps=2 if args.task else 3 + (adapter_path is not None))

@@ -38,6 +38,8 @@ def folders(tmp_path_factory):
     theirs.save_pretrained(root / "peft_bat")
     lora = peft.get_peft_model(clone(base), peft.LoraConfig(r=4, target_modules=["q_proj"]))
     lora.save_pretrained(root / "lora")
+    head = peft.get_peft_model(clone(base), peft.MissConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    head.save_pretrained(root / "peft_head")
     return root, base, model
 
 
@@ -73,6 +75,11 @@ MISTAKES = {  # (argv after the folders are filled in, what the message says)
     "adapter-as-base": (["{mini}", "--adapter", "{mini}"], r"BASE .*mini is an adapter folder.*--adapter"),
     "not-a-model-folder": (["{root}", "--adapter", "{mini}"], r"is not a transformers model folder \(no config.json\)"),
     "unmerged-without-adapter": (["{base}", "--unmerged"], r"--unmerged keeps MiSS blocks apart.*drop --unmerged"),
+    "unmerged-with-saved-modules": (["{base}", "--adapter", "{head}", "--unmerged"],
+                                    r"--unmerged: .*peft_head trains whole modules too.*lm_head.*drop --unmerged"),
+    "genai-unmerged-with-saved-modules": (
+        ["{base}", "--adapter", "{head}", "--unmerged", "--task", "text-generation-with-past"],
+        r"--unmerged: .*trains whole modules too.*drop --unmerged"),
     "bf16": (["{base}", "--adapter", "{mini}", "--dtype", "bf16"],
              r"--dtype bf16: .*CPU provider, which has no bf16 kernels.*--dtype fp16.*--device cuda.*fp32"),
     "batch-of-one": (["{base}", "--batch", "1"], r"argument --batch: 1 is too small: the example sizes must be >= 2"),
@@ -84,14 +91,15 @@ MISTAKES = {  # (argv after the folders are filled in, what the message says)
 def test_user_mistakes_exit_2_with_the_message_and_no_traceback(folders, tmp_path, capsys, case):
     root, _, _ = folders
     argv, message = MISTAKES[case]
-    paths = {"base": root / "base", "lora": root / "lora", "mini": root / "mini", "root": root}
+    paths = {"base": root / "base", "lora": root / "lora", "mini": root / "mini", "head": root / "peft_head", "root": root}
     out = tmp_path / "model.onnx"
     printed = _fails([arg.format(**paths) for arg in argv] + ["-o", str(out)], capsys)
     assert printed.err.count("\n") <= 7  # the message (argparse adds its usage lines)
     assert re.search(message, printed.err), printed.err
     assert "Traceback" not in printed.err
     assert not out.exists() and not out.with_suffix(".onnx_adapter").exists()
-    if case in ("bf16", "unmerged-without-adapter", "no-such-adapter", "model-as-adapter", "adapter-as-base"):
+    if case in ("bf16", "unmerged-without-adapter", "no-such-adapter", "model-as-adapter", "adapter-as-base",
+                "unmerged-with-saved-modules", "genai-unmerged-with-saved-modules"):
         assert "[1/" not in printed.out  # refused before anything loads
 
 
