@@ -3,6 +3,8 @@ or every layer's adapter stack (`<module>.miss_stack`), for graphs exported with
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 
@@ -12,16 +14,20 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from miss_compile.checkpoint import read_adapter
+from miss_compile.checkpoint import CONFIG_NAME, read_adapter
+from miss_compile.checkpoint_compat import recorded_base_class
 from miss_compile.files import write_atomically
 from miss_compile.peft_compat import layers_with, model_root, named_miss_layers
 from miss_compile.saved_modules import saved_tensors
 from miss_compile.stacked import refresh_stacks, stacked_layers
 
 from .names import block_input_name, is_block_input, is_stack_input, split_block_input, stack_input_name
+from .provenance import BASE_MODEL, graph_metadata, saved_modules_refusal
 
 __all__ = ["write_onnx_adapter", "write_onnx_stack", "adapter_parameters", "stack_parameters",
            "read_onnx_adapter", "signature", "adapter_fit_problems", "NO_BLOCKS"]
+
+logger = logging.getLogger(__name__)
 
 _ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
                   onnx.TensorProto.DOUBLE: np.float64}
@@ -55,8 +61,7 @@ def adapter_parameters(adapter: str | os.PathLike | nn.Module, adapter_name: str
     return {block_input_name(name, graph_name): block for name, block in blocks.items()}
 
 
-def _graph_blocks(model_path: Path) -> dict[str, tuple[tuple[int, ...], type]]:
-    model = onnx.load(str(model_path), load_external_data=False)
+def _graph_blocks(model: onnx.ModelProto, model_path: Path) -> dict[str, tuple[tuple[int, ...], type]]:
     initializers = {i.name: i for i in model.graph.initializer}
     blocks = {}
     for graph_input in model.graph.input:
@@ -84,7 +89,26 @@ def write_onnx_adapter(
     set it to the adapter name the graph was exported with). With `model_path`, names, shapes and
     coverage are checked against that graph's overridable blocks and dtypes follow it (fp16 exports);
     without it the blocks are written as fp32, and sessions check them when they load the file."""
-    return _write(adapter_parameters(adapter, adapter_name, as_name), path, model_path)
+    parameters = adapter_parameters(adapter, adapter_name, as_name)
+    if model_path is not None:
+        _warn_if_other_base(adapter, graph_metadata(model_path), model_path)
+    return _write(parameters, path, model_path)
+
+
+def _warn_if_other_base(adapter: str | os.PathLike | nn.Module, metadata: dict[str, str],
+                        model_path: str | os.PathLike) -> None:
+    """One WARNING when the adapter was trained on another model class than the graph was exported from
+    (equal shapes fit: a Qwen2 adapter on a Llama graph), as miss_compile.load_adapter warns."""
+    if isinstance(adapter, nn.Module):
+        trained_on = type(model_root(adapter)).__name__
+    else:
+        trained_on = recorded_base_class(json.loads((Path(adapter) / CONFIG_NAME).read_text()))
+    exported_from = metadata.get(BASE_MODEL)
+    if trained_on and exported_from and trained_on != exported_from:
+        logger.warning(
+            "write_onnx_adapter: the adapter was trained on a %s and is written for %s, exported from a %s. Its "
+            "shapes fit, so it is written, but its blocks were trained against another model's weights: check that "
+            "this is the graph you meant.", trained_on, model_path, exported_from)
 
 
 def stack_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -176,7 +200,11 @@ def _write(parameters: dict[str, torch.Tensor], path: str | os.PathLike, model_p
     if model_path is None:
         expected = {name: (tuple(block.shape), np.float32) for name, block in parameters.items()}
     else:
-        expected = _graph_blocks(Path(model_path))
+        graph = onnx.load(str(model_path), load_external_data=False)
+        refusal = saved_modules_refusal({p.key: p.value for p in graph.metadata_props}, str(model_path))
+        if refusal:
+            raise ValueError(f"write_onnx_adapter: {refusal}")
+        expected = _graph_blocks(graph, Path(model_path))
         if not expected:
             raise ValueError(f"{model_path} {NO_BLOCKS}")
     graph = {name: (shape, None) for name, (shape, _) in expected.items()}  # dtypes follow the graph: cast below

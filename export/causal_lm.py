@@ -28,7 +28,8 @@ from transformers.cache_utils import DynamicLayer
 
 from miss_compile.peft_compat import from_peft, model_root
 
-__all__ = ["cache_export", "CacheExport", "CacheLayout", "cache_layout", "past_name", "present_name", "positions_from_mask", "KINDS"]
+__all__ = ["cache_export", "CacheExport", "CacheLayout", "cache_layout", "past_name", "present_name", "positions_from_mask", "flat_cache_base",
+           "KINDS"]
 
 KINDS = ("key", "value")
 # distinct, none 0 or 1 (torch.export specializes those); mask lengths (7; 5, 7, 9 in the checks) unlike common
@@ -117,7 +118,13 @@ def _take_flat_cache(model: nn.Module, layout: CacheLayout, extra: list[str]) ->
 
     forward.__signature__ = inspect.Signature(
         [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in ["self", *arguments, *extra]])
-    model.__class__ = type(f"{base.__name__}WithPast", (base,), {"forward": forward, "__module__": __name__})
+    model.__class__ = type(f"{base.__name__}WithPast", (base,), {"forward": forward, "__module__": __name__,
+                                                                 "_flat_cache": True})
+
+
+def flat_cache_base(model: nn.Module) -> type | None:
+    """The model's own class when `model` was given the flat-cache forward above, else None."""
+    return type(model).__bases__[0] if getattr(type(model), "_flat_cache", False) else None
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:

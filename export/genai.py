@@ -43,6 +43,7 @@ from miss_compile.peft_compat import model_root, named_miss_layers
 from .adapters import adapter_fit_problems, adapter_parameters, read_onnx_adapter, write_onnx_adapter
 from .names import is_block_input
 from .onnx import export_causal_lm
+from .provenance import generation_ids
 
 __all__ = ["export_genai_folder", "GenaiFolder", "GENAI_ARCHITECTURES", "TOKENIZER_FILES"]
 
@@ -257,25 +258,18 @@ def _write_folder(model: nn.Module, staged: Path, merged: bool, graph_adapter: s
 
 
 def _token_ids(lm: nn.Module) -> dict[str, Any]:
-    """bos / eos / pad ids as generate would use them: generation_config over config.json; pad falls
+    """bos / eos / pad ids as generate would use them (export.provenance.generation_ids); pad falls
     back to the first eos (what genai's model builder does). A model without an eos id is refused:
     genai would stop at token 0 (its eos defaults to the pad id)."""
-    generation = getattr(lm, "generation_config", None)
-
-    def pick(name: str) -> Any:
-        value = getattr(generation, name, None) if generation is not None else None
-        return value if value is not None else getattr(lm.config, name, None)
-
-    eos = pick("eos_token_id")
-    if eos is None or eos == []:
+    found = generation_ids(lm)
+    eos, pad, bos = found["eos_token_id"], found["pad_token_id"], found["bos_token_id"]
+    if eos is None:
         raise ValueError(f"export_genai_folder: {type(lm).__name__} names no eos_token_id (config.json or "
                          "generation_config.json); onnxruntime-genai needs one to stop: set "
                          "model.config.eos_token_id (or model.generation_config.eos_token_id) before export")
-    eos = [int(e) for e in eos] if isinstance(eos, (list, tuple)) else int(eos)
-    pad = pick("pad_token_id")
-    ids = {"eos_token_id": eos, "pad_token_id": int(pad) if pad is not None else (eos[0] if isinstance(eos, list) else eos)}
-    if pick("bos_token_id") is not None:
-        ids["bos_token_id"] = int(pick("bos_token_id"))
+    ids = {"eos_token_id": eos, "pad_token_id": pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)}
+    if bos is not None:
+        ids["bos_token_id"] = bos
     return ids
 
 

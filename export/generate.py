@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .causal_lm import KINDS, past_name, positions_from_mask, present_name
+from .provenance import recorded_generation_ids
 
 if TYPE_CHECKING:
     from .runtime import AdapterFile, MissSession
@@ -32,8 +33,8 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     max_new_tokens: int = 20,
     adapter: str | os.PathLike | AdapterFile | None = None,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | torch.Tensor | None = None,
+    pad_token_id: int | torch.Tensor | None = None,
     do_sample: bool = False,
     adapter_ids: torch.Tensor | None = None,
     partial: bool = False,
@@ -42,7 +43,9 @@ def generate(
     on the left of shorter prompts (left padding); None means no padding. `adapter`: an
     `.onnx_adapter` for an unmerged graph (read once, fed at every step); `adapter_ids` [batch]: one
     adapter per row for a stacked graph. Rows that produce `eos_token_id` are filled with
-    `pad_token_id` (default: the eos id) until every row has finished."""
+    `pad_token_id` until every row has finished. As in transformers, both default to the model's
+    (generation_config over config.json, recorded in the graph at export), pad to the first eos;
+    eos_token_id=[] stops at no token. Ids may be ints, numpy ints or tensors."""
     if do_sample:
         raise NotImplementedError(
             "session.generate is greedy (do_sample=False); to sample, run the graph step by step with "
@@ -62,10 +65,7 @@ def generate(
     if (attention_mask[:, -1] == 0).any():
         raise ValueError("generate: a prompt ends with padding (attention_mask 0 in the last column); pad prompts on "
                          "the left (tokenizer.padding_side = 'left'), as transformers' generate expects")
-    eos = torch.tensor([] if eos_token_id is None else
-                       [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.long)
-    if pad_token_id is None:
-        pad_token_id = int(eos[0]) if eos.numel() else 0
+    eos, pad_token_id = _stop_ids(session, eos_token_id, pad_token_id)
     if isinstance(adapter, (str, os.PathLike)):
         adapter = session.load_adapter(adapter, partial)  # read and checked once, not at every step
     extra = {} if adapter_ids is None else {"adapter_ids": adapter_ids}
@@ -84,6 +84,25 @@ def generate(
             break
         logits = step.decode(tokens, mask)
     return tokens
+
+
+def _stop_ids(session: MissSession, eos_token_id: object, pad_token_id: object) -> tuple[torch.Tensor, int]:
+    """The eos ids [n] and the pad id: as given, else as the graph records them (older graphs record
+    none: no eos); pad falls back to the first eos, then 0."""
+    recorded = recorded_generation_ids(session.metadata) or {}
+    eos = _token_ids("eos_token_id", recorded.get("eos_token_id") if eos_token_id is None else eos_token_id)
+    pad = _token_ids("pad_token_id", recorded.get("pad_token_id") if pad_token_id is None else pad_token_id)
+    if pad.numel() > 1:
+        raise ValueError(f"generate: pad_token_id must be one id, got {pad.tolist()}")
+    return eos, int(pad[0]) if pad.numel() else int(eos[0]) if eos.numel() else 0
+
+
+def _token_ids(name: str, value: object) -> torch.Tensor:
+    """Token ids as a 1-D int64 tensor from an int, a numpy int, a tensor or a list of them (None: none)."""
+    ids = torch.as_tensor([] if value is None else value).flatten()
+    if ids.numel() and (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool):
+        raise TypeError(f"generate: {name} must be integer token ids, got {value!r}")
+    return ids.long().cpu()
 
 
 class _Stepper:

@@ -17,9 +17,7 @@ provenance, check; then one save into a staging folder, validated there and move
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import inspect
-import json
 import logging
 import os
 import time
@@ -35,14 +33,15 @@ from torch import nn
 
 from miss_compile.files import write_files_atomically
 from miss_compile.inject import merge_adapters
-from miss_compile.peft_compat import adapter_variant, from_peft, model_root, named_miss_layers
+from miss_compile.peft_compat import from_peft, model_root, named_miss_layers
 from miss_compile.stacked import has_stacks, refresh_stacks
 
 from . import inputs
 from . import validate as validation
-from .causal_lm import cache_export
+from .causal_lm import cache_export, flat_cache_base
 from .functions import group_into_functions
 from .names import BLOCK_MARKER, STACK_SUFFIX, is_overridable_input, is_stack_input
+from .provenance import METADATA_PREFIX, provenance
 from .translation import OPSET, TRANSLATIONS
 
 __all__ = ["export_onnx", "export_causal_lm", "ExportResult", "BLOCK_MARKER", "STACK_SUFFIX", "IR_VERSION", "METADATA_PREFIX",
@@ -51,7 +50,6 @@ __all__ = ["export_onnx", "export_causal_lm", "ExportResult", "BLOCK_MARKER", "S
 logger = logging.getLogger(__name__)
 
 IR_VERSION = 10  # what torch's exporter writes; onnxruntime 1.31 rejects onnx 1.23's default (14)
-METADATA_PREFIX = "miss_compile."  # provenance keys in the model's metadata_props
 _PROTOBUF_LIMIT = 2**31 - 2**26  # protobuf's 2 GB, with headroom for the graph
 
 
@@ -128,7 +126,8 @@ def export_onnx(
     # The outputs to validate against come from the adapters as they run, before any merge: a
     # merge that changed what it must not (a weight read elsewhere too) then fails validation.
     expected = validation.expected_outputs(prepared, cases)
-    properties = {**provenance(model, prepared, merged, "adapter_ids" in kwargs), **(metadata or {})}
+    properties = {**provenance(model, prepared, merged, "adapter_ids" in kwargs, flat_cache_base(model_root(model))),
+                  **(metadata or {})}
     if merged and named_miss_layers(prepared):
         fold_adapters(prepared)
     if external_data is None:
@@ -256,25 +255,6 @@ def fold_adapters(prepared: nn.Module) -> None:
             merge_adapters(prepared)
     for name, layer in named_miss_layers(prepared).items():
         unwrap(name, layer)
-
-
-def provenance(model: nn.Module, prepared: nn.Module, merged: bool, stacked: bool) -> dict[str, str]:
-    """metadata_props saying where the graph came from: base model class, adapters and their variants,
-    the active ones, merged or not, stacked or not, miss_compile's version. `prepared`: prepare(model)."""
-    layers = named_miss_layers(prepared)
-    variants: dict[str, set[str]] = {}
-    for layer in layers.values():
-        for name in layer.miss_block:
-            variants.setdefault(name, set()).add(adapter_variant(layer, name))
-    active = sorted({name for layer in layers.values() if not layer.disable_adapters for name in layer.active_adapters})
-    return {
-        f"{METADATA_PREFIX}version": importlib.metadata.version("miss_compile"),
-        f"{METADATA_PREFIX}base_model": type(model_root(model)).__name__,
-        f"{METADATA_PREFIX}adapters": json.dumps({name: ",".join(sorted(kinds)) for name, kinds in sorted(variants.items())}),
-        f"{METADATA_PREFIX}active_adapters": json.dumps(active),
-        f"{METADATA_PREFIX}merged": json.dumps(merged),
-        f"{METADATA_PREFIX}stacked": json.dumps(stacked),
-    }
 
 
 def _trace(prepared: nn.Module, args: tuple, kwargs: dict[str, Any], opset: int, dynamic_shapes: Any,

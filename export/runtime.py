@@ -31,6 +31,7 @@ import torch
 from .adapters import NO_BLOCKS, adapter_fit_problems, read_onnx_adapter, signature
 from .inputs import with_default_inputs
 from .names import is_block_input, is_stack_input, split_block_input
+from .provenance import saved_modules_refusal
 
 __all__ = ["load_session", "MissSession", "AdapterFile"]
 
@@ -137,6 +138,8 @@ class MissSession:
         self.overridable_names = [i.name for i in session.get_overridable_initializers()]
         self.output_names = [o.name for o in session.get_outputs()]
         self.input_types = {i.name: i.type for i in [*session.get_inputs(), *session.get_overridable_initializers()]}
+        # what the exporter recorded (export.provenance): decides adapter files and generate's eos
+        self.metadata: dict[str, str] = dict(session.get_modelmeta().custom_metadata_map)
         self._overridable = {i.name: (tuple(i.shape), i.type) for i in session.get_overridable_initializers()}
         self._adapters: dict[str, _Cached] = {}
         # Rows of the exported stacks (n adapters + the zero block); the graph's first dim is symbolic.
@@ -147,6 +150,7 @@ class MissSession:
         """The adapter file at `path`, checked against this graph and cached; read again when the
         file changed (rewritten in place or replaced). A file that leaves graph blocks out is refused
         unless `partial=True` (those blocks then run with the values the graph was exported with)."""
+        self._refuse_adapter_files()
         key = str(Path(path).resolve())
         with self._adapters_lock:
             cached = self._adapters.get(key)
@@ -162,6 +166,12 @@ class MissSession:
                 cached.identity = current
         self._check_coverage(cached.adapter, partial)
         return cached.adapter
+
+    def _refuse_adapter_files(self) -> None:
+        """Adapter files swap blocks only: refused for a graph holding its adapter's trained heads."""
+        refusal = saved_modules_refusal(self.metadata, "this session's graph")
+        if refusal:
+            raise ValueError(f"adapter files are refused: {refusal}")
 
     def _read_file(self, key: str) -> _Cached:
         for _ in range(_READ_ATTEMPTS):
@@ -222,6 +232,8 @@ class MissSession:
                              f"and {len(self.overridable_names)} overridable blocks")
         inputs = {name: self._as_graph_dtype(name, value) for name, value in inputs.items()}
         options = ort.RunOptions()
+        if adapter is not None:
+            self._refuse_adapter_files()
         if isinstance(adapter, ort.LoraAdapter):
             options.add_active_adapter(adapter)
         elif adapter is not None:

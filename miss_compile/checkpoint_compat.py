@@ -12,7 +12,7 @@ from torch import nn
 
 from .peft_compat import model_root
 
-__all__ = ["base_model_fields", "warn_if_peft_cannot_load", "warn_if_other_base_class"]
+__all__ = ["base_model_fields", "warn_if_peft_cannot_load", "warn_if_other_base_class", "recorded_base_class"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +38,16 @@ def warn_if_peft_cannot_load(layers: dict[str, nn.Module], directory: str | os.P
         directory, len(names), len(layers), " / ".join(sorted(set(other.values()))), ", ".join(names[:4]), more)
 
 
+def recorded_base_class(fields: dict[str, Any]) -> str | None:
+    """The base model class an adapter_config.json records (auto_mapping), or None."""
+    recorded = fields.get("auto_mapping")
+    return recorded.get("base_model_class") if isinstance(recorded, dict) else None
+
+
 def warn_if_other_base_class(model: nn.Module, fields: dict[str, Any], directory: str | os.PathLike) -> None:
     """One WARNING when the checkpoint records another base model class than `model`'s (shapes may
     still match, as a Qwen2 adapter's do on a Llama of the same sizes). Quiet when none is recorded."""
-    recorded = fields.get("auto_mapping")
-    saved_from = recorded.get("base_model_class") if isinstance(recorded, dict) else None
+    saved_from = recorded_base_class(fields)
     loading_into = type(model_root(model)).__name__
     if saved_from and saved_from != loading_into:
         logger.warning(

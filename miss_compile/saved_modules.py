@@ -24,6 +24,7 @@ __all__ = [
     "saved_module_wrappers",
     "saved_tensors",
     "saved_targets",
+    "running_saved_copies",
     "set_saved_adapters",
     "enable_saved_modules",
     "from_peft_wrapper",
@@ -119,6 +120,16 @@ def saved_targets(root: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]
 def saved_tensors(root: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """What a checkpoint holds for `adapter_name`'s copies (PEFT's keys less `base_model.model.`)."""
     return {key: value.detach() for key, value in saved_targets(root, adapter_name).items()}
+
+
+def running_saved_copies(root: nn.Module) -> dict[str, str]:
+    """Module name -> the adapter whose trained copy runs there now (wrappers running their original left out)."""
+    running = {}
+    for name, wrapper in saved_module_wrappers(root).items():
+        ours = wrapper if isinstance(wrapper, SavedModule) else from_peft_wrapper(wrapper)
+        if ours.active_module is not ours.original_module:
+            running[name] = ours.active_adapters[0]
+    return running
 
 
 def set_saved_adapters(root: nn.Module, names: str | list[str]) -> None:

@@ -7,12 +7,18 @@ Conv1D); blocks are random, so the adapter changes the tokens.
 
 from __future__ import annotations
 
+import json
+import logging
+
+import numpy as np
+import onnx
+import onnxruntime as ort
 import peft
 import pytest
 import torch
 from helpers import VOCAB, build, randomize_blocks
 
-from miss_compile import MissConfig, adapters_disabled, apply_miss, set_active_adapters
+from miss_compile import MissConfig, adapters_disabled, apply_miss, save_adapter, set_active_adapters
 from miss_compile.export import export_causal_lm, export_onnx, load_session, write_onnx_adapter
 from miss_compile.export.causal_lm import past_name, positions_from_mask, present_name
 from miss_compile.stacked import adapter_ids_for, stack_adapters
@@ -136,6 +142,83 @@ def test_step_logits_equal_torch(exported, name, merged):
         step_ids = outputs["logits"][:, -1:].argmax(-1)
         tokens = torch.cat([tokens, step_ids], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+
+
+@pytest.fixture(scope="module")
+def head_trained(tmp_path_factory):
+    """A PEFT Llama adapter that trains lm_head too (modules_to_save), with an eos in its generation_config
+    that row 0 of prompts([7, 4, 2]) produces as its 4th new token; exported unmerged with past."""
+    model = peft.get_peft_model(build("llama"), peft.MissConfig(r=4, target_modules="all-linear",
+                                                                modules_to_save=["lm_head"]))
+    randomize_blocks(model, seed=4)
+    head = model.base_model.model.lm_head.modules_to_save["default"]
+    with torch.no_grad():
+        head.weight.add_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(6)))
+    model.eval()
+    ids, mask = prompts([7, 4, 2])
+    free = reference(model, ids, mask, eos_token_id=None)
+    model.generation_config.eos_token_id = int(free[0, ids.shape[1] + 3])
+    model.generation_config.pad_token_id = PAD
+    path = tmp_path_factory.mktemp("head-trained") / "model.onnx"
+    export_causal_lm(model, path, merged=False)
+    return path, model, free
+
+
+def test_generate_stops_at_the_models_own_eos_given_in_any_integer_form(head_trained):
+    """No eos_token_id: the model's generation_config eos and pad, recorded at export, as transformers'
+    generate uses them; numpy ints and tensors are ids too; [] stops at no token."""
+    path, model, free = head_trained
+    session = load_session(path, device="cpu")
+    ids, mask = prompts([7, 4, 2])
+    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    eos = model.generation_config.eos_token_id
+    assert (expected[0, ids.shape[1] + 4:] == PAD).all() and not torch.equal(expected, free)  # the eos bites
+    assert torch.equal(session.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS), expected)
+    for form in (np.int64(eos), torch.tensor(eos), [torch.tensor(eos)], torch.tensor([eos])):
+        got = session.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=form)
+        assert torch.equal(got, expected), type(form)
+    assert torch.equal(session.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=[]), free)
+    with pytest.raises(TypeError, match="eos_token_id must be integer token ids"):
+        session.generate(ids, attention_mask=mask, eos_token_id=2.0)
+
+
+def test_a_graph_holding_trained_heads_refuses_adapter_files(head_trained, tmp_path):
+    """The graph's lm_head is the adapter's trained copy: another adapter's blocks would run with it
+    (a silent wrong result), so no adapter file is written for it or run on it."""
+    path, _, _ = head_trained
+    metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    assert json.loads(metadata["miss_compile.modules_to_save"]) == {"lm_head": "default"}
+    assert metadata["miss_compile.base_model"] == "LlamaForCausalLM"
+    other = adapted("llama", seed=3)  # blocks only: fits the graph's blocks
+    with pytest.raises(ValueError, match=r"write_onnx_adapter: .*model.onnx was exported with adapter 'default', "
+                                         r"which trains whole modules too \(modules_to_save: \['lm_head'\]\)"):
+        write_onnx_adapter(other, tmp_path / "checked.onnx_adapter", model_path=path)
+    assert not (tmp_path / "checked.onnx_adapter").exists()
+    unchecked = write_onnx_adapter(other, tmp_path / "unchecked.onnx_adapter")  # no graph to check against
+    session = load_session(path, device="cpu")
+    ids, mask = prompts([5])
+    for call in (lambda: session.generate(ids, attention_mask=mask, adapter=unchecked),
+                 lambda: session.load_adapter(unchecked),
+                 lambda: session.generate(ids, attention_mask=mask, adapter=ort.LoraAdapter())):
+        with pytest.raises(ValueError, match=r"adapter files are refused: this session's graph .*lm_head"):
+            call()
+
+
+def test_an_adapter_trained_on_another_class_is_written_with_a_warning(exported, tmp_path, caplog):
+    """A Qwen2 adapter fits a Llama graph of the same sizes: written, and said (as load_adapter says it)."""
+    path, _, _ = exported("llama", False)
+    qwen2 = adapted("qwen2", seed=3)
+    save_adapter(qwen2, tmp_path / "qwen2-adapter")
+    for source in (qwen2, tmp_path / "qwen2-adapter"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="miss_compile.export.adapters"):
+            write_onnx_adapter(source, tmp_path / "qwen2.onnx_adapter", model_path=path)
+        assert "trained on a Qwen2ForCausalLM and is written for" in caplog.text
+        assert "exported from a LlamaForCausalLM" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="miss_compile.export.adapters"):
+        write_onnx_adapter(adapted("llama", seed=3), tmp_path / "llama.onnx_adapter", model_path=path)
+    assert "trained on" not in caplog.text
 
 
 def test_refuses_an_encoder_before_writing(tmp_path):
