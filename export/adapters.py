@@ -22,7 +22,13 @@ from miss_compile.saved_modules import saved_tensors
 from miss_compile.stacked import refresh_stacks, stacked_layers
 
 from .names import block_input_name, is_block_input, is_stack_input, split_block_input, stack_input_name
-from .provenance import BASE_MODEL, graph_metadata, saved_modules_refusal
+from .provenance import (
+    PREDATES_WARNING,
+    exported_class,
+    graph_metadata,
+    predates_saved_modules,
+    saved_modules_refusal,
+)
 
 __all__ = ["write_onnx_adapter", "write_onnx_stack", "adapter_parameters", "stack_parameters",
            "read_onnx_adapter", "signature", "adapter_fit_problems", "NO_BLOCKS"]
@@ -103,7 +109,7 @@ def _warn_if_other_base(adapter: str | os.PathLike | nn.Module, metadata: dict[s
         trained_on = type(model_root(adapter)).__name__
     else:
         trained_on = recorded_base_class(json.loads((Path(adapter) / CONFIG_NAME).read_text()))
-    exported_from = metadata.get(BASE_MODEL)
+    exported_from = exported_class(metadata)
     if trained_on and exported_from and trained_on != exported_from:
         logger.warning(
             "write_onnx_adapter: the adapter was trained on a %s and is written for %s, exported from a %s. Its "
@@ -201,9 +207,12 @@ def _write(parameters: dict[str, torch.Tensor], path: str | os.PathLike, model_p
         expected = {name: (tuple(block.shape), np.float32) for name, block in parameters.items()}
     else:
         graph = onnx.load(str(model_path), load_external_data=False)
-        refusal = saved_modules_refusal({p.key: p.value for p in graph.metadata_props}, str(model_path))
+        metadata = {p.key: p.value for p in graph.metadata_props}
+        refusal = saved_modules_refusal(metadata, str(model_path))
         if refusal:
             raise ValueError(f"write_onnx_adapter: {refusal}")
+        if predates_saved_modules(metadata):
+            logger.warning("write_onnx_adapter: %s %s", model_path, PREDATES_WARNING)
         expected = _graph_blocks(graph, Path(model_path))
         if not expected:
             raise ValueError(f"{model_path} {NO_BLOCKS}")

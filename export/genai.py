@@ -263,6 +263,12 @@ def _token_ids(lm: nn.Module) -> dict[str, Any]:
     genai would stop at token 0 (its eos defaults to the pad id)."""
     found = generation_ids(lm)
     eos, pad, bos = found["eos_token_id"], found["pad_token_id"], found["bos_token_id"]
+    if eos is None and getattr(lm.config, "eos_token_id", None) is not None:
+        eos = lm.config.eos_token_id
+        eos = [int(e) for e in eos] if isinstance(eos, (list, tuple)) else int(eos)
+        logger.warning("export_genai_folder: %s's generation_config names no eos_token_id; config.json's %s is "
+                       "written, since onnxruntime-genai needs one to stop (transformers' generate would not stop "
+                       "there)", type(lm).__name__, eos)
     if eos is None:
         raise ValueError(f"export_genai_folder: {type(lm).__name__} names no eos_token_id (config.json or "
                          "generation_config.json); onnxruntime-genai needs one to stop: set "

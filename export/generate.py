@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from .causal_lm import KINDS, past_name, positions_from_mask, present_name
-from .provenance import recorded_generation_ids
+from .greedy import SETTINGS, logits_processors
+from .provenance import recorded_generation
 
 if TYPE_CHECKING:
     from .runtime import AdapterFile, MissSession
@@ -38,14 +39,21 @@ def generate(
     do_sample: bool = False,
     adapter_ids: torch.Tensor | None = None,
     partial: bool = False,
+    **settings: object,
 ) -> torch.Tensor:
     """Token ids [batch, prompt + new] (on the CPU), greedy. `attention_mask` [batch, prompt]: zeros
     on the left of shorter prompts (left padding); None means no padding. `adapter`: an
     `.onnx_adapter` for an unmerged graph (read once, fed at every step); `adapter_ids` [batch]: one
     adapter per row for a stacked graph. Rows that produce `eos_token_id` are filled with
-    `pad_token_id` until every row has finished. As in transformers, both default to the model's
-    (generation_config over config.json, recorded in the graph at export), pad to the first eos;
-    eos_token_id=[] stops at no token. Ids may be ints, numpy ints or tensors."""
+    `pad_token_id` until every row has finished.
+
+    As transformers' generate does, the model's generation_config (as recorded in the graph at
+    export) gives the defaults: eos and pad ids (pad falls back to the first eos; eos_token_id=[]
+    stops at no token) and the settings that change greedy tokens (`settings`: repetition_penalty,
+    min_new_tokens, suppress_tokens, ... export.greedy.SETTINGS; a keyword here overrides the record,
+    None turns one off). Ids may be ints, numpy ints or tensors. `max_new_tokens` is this call's own
+    (the model's max_length is not read); a later change to the model's generation_config does not
+    reach a graph exported before it."""
     if do_sample:
         raise NotImplementedError(
             "session.generate is greedy (do_sample=False); to sample, run the graph step by step with "
@@ -65,7 +73,9 @@ def generate(
     if (attention_mask[:, -1] == 0).any():
         raise ValueError("generate: a prompt ends with padding (attention_mask 0 in the last column); pad prompts on "
                          "the left (tokenizer.padding_side = 'left'), as transformers' generate expects")
-    eos, pad_token_id = _stop_ids(session, eos_token_id, pad_token_id)
+    recorded = recorded_generation(session.metadata) or {}
+    eos, pad_token_id = _stop_ids(recorded, eos_token_id, pad_token_id)
+    rules = logits_processors(_settings(recorded, settings), eos, attention_mask, max_new_tokens)
     if isinstance(adapter, (str, os.PathLike)):
         adapter = session.load_adapter(adapter, partial)  # read and checked once, not at every step
     extra = {} if adapter_ids is None else {"adapter_ids": adapter_ids}
@@ -75,7 +85,7 @@ def generate(
     unfinished = torch.ones(len(tokens), dtype=torch.bool)
     logits = step.prefill(tokens, mask)
     for produced in range(max_new_tokens):
-        next_tokens = logits.float().argmax(-1).cpu()
+        next_tokens = rules(tokens, logits.float().cpu()).argmax(-1)
         next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
         tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -86,23 +96,39 @@ def generate(
     return tokens
 
 
-def _stop_ids(session: MissSession, eos_token_id: object, pad_token_id: object) -> tuple[torch.Tensor, int]:
+def _settings(recorded: dict, given: dict[str, object]) -> dict[str, object]:
+    """The recorded greedy settings with this call's keywords over them (None: off)."""
+    unknown = sorted(set(given) - set(SETTINGS))
+    if unknown:
+        raise TypeError(f"generate() got unexpected keyword arguments {unknown}; the generation settings it applies "
+                        f"are {sorted(SETTINGS)}")
+    merged = {**recorded.get("settings", {}), **given}
+    return {name: value for name, value in merged.items() if value is not None}
+
+
+def _stop_ids(recorded: dict, eos_token_id: object, pad_token_id: object) -> tuple[torch.Tensor, int]:
     """The eos ids [n] and the pad id: as given, else as the graph records them (older graphs record
     none: no eos); pad falls back to the first eos, then 0."""
-    recorded = recorded_generation_ids(session.metadata) or {}
     eos = _token_ids("eos_token_id", recorded.get("eos_token_id") if eos_token_id is None else eos_token_id)
     pad = _token_ids("pad_token_id", recorded.get("pad_token_id") if pad_token_id is None else pad_token_id)
-    if pad.numel() > 1:
-        raise ValueError(f"generate: pad_token_id must be one id, got {pad.tolist()}")
+    if pad.numel() > 1 or (pad_token_id is not None and not pad.numel()):
+        raise ValueError(f"generate: pad_token_id must be one id, got {pad_token_id!r}")
     return eos, int(pad[0]) if pad.numel() else int(eos[0]) if eos.numel() else 0
 
 
 def _token_ids(name: str, value: object) -> torch.Tensor:
     """Token ids as a 1-D int64 tensor from an int, a numpy int, a tensor or a list of them (None: none)."""
-    ids = torch.as_tensor([] if value is None else value).flatten()
-    if ids.numel() and (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool):
-        raise TypeError(f"generate: {name} must be integer token ids, got {value!r}")
-    return ids.long().cpu()
+    try:
+        ids = torch.as_tensor([] if value is None else value)
+    except (TypeError, ValueError, RuntimeError):
+        ids = None
+    if ids is None or ids.dim() > 1 or (ids.numel() and not _is_integer(ids.dtype)):
+        raise TypeError(f"generate: {name} must be an integer token id or a flat list of them, got {value!r}")
+    return ids.flatten().long().cpu()
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
 class _Stepper:

@@ -1,13 +1,14 @@
 """What an exported graph records of where it came from (metadata_props, keys `miss_compile.*`), and
 the rules read back from it: an adapter file for a graph whose adapter trained whole modules is
-refused (the file would run with the exported adapter's heads), and generate stops at the recorded
-eos ids as transformers' generate does.
+refused (the file would run with the exported adapter's heads), and generate takes the recorded eos
+and pad ids and greedy settings (export.greedy) as transformers' generate takes the model's.
 
     miss_compile.base_model        the transformers class (LlamaForCausalLM)
     miss_compile.adapters          {adapter: variant}, miss_compile.active_adapters [names]
     miss_compile.merged / stacked  true / false
     miss_compile.modules_to_save   {module: adapter} whose trained copies are the graph's weights
-    miss_compile.generation        {eos_token_id, pad_token_id, bos_token_id} (KV-cache graphs)
+    miss_compile.generation        {eos_token_id, pad_token_id, bos_token_id, settings} (KV-cache graphs;
+                                   settings: generation_config fields that change greedy tokens)
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ from torch import nn
 from miss_compile.peft_compat import adapter_variant, model_root, named_miss_layers
 from miss_compile.saved_modules import running_saved_copies
 
-__all__ = ["METADATA_PREFIX", "provenance", "generation_ids", "graph_metadata", "saved_modules_in",
-           "saved_modules_refusal", "recorded_generation_ids"]
+from .greedy import greedy_settings
+
+__all__ = ["METADATA_PREFIX", "provenance", "generation_ids", "generation_record", "graph_metadata", "saved_modules_in",
+           "saved_modules_refusal", "recorded_generation", "predates_saved_modules", "exported_class",
+           "PREDATES_WARNING"]
 
 METADATA_PREFIX = "miss_compile."
 BASE_MODEL, MERGED, SAVED_MODULES, GENERATION = (
@@ -36,7 +40,7 @@ def provenance(model: nn.Module, prepared: nn.Module, merged: bool, stacked: boo
                base_class: type | None = None) -> dict[str, str]:
     """metadata_props saying where the graph came from. `prepared`: export.prepare(model); `base_class`:
     the user's class when `model` runs under an export-only subclass (the KV-cache export's), which
-    also records the generation ids."""
+    also records what generate needs (generation_record)."""
     layers = named_miss_layers(prepared)
     variants: dict[str, set[str]] = {}
     for layer in layers.values():
@@ -54,23 +58,29 @@ def provenance(model: nn.Module, prepared: nn.Module, merged: bool, stacked: boo
         SAVED_MODULES: json.dumps(running_saved_copies(model_root(prepared)), sort_keys=True),
     }
     if base_class is not None:
-        properties[GENERATION] = json.dumps(generation_ids(root))
+        properties[GENERATION] = json.dumps(generation_record(root))
     return properties
 
 
 def generation_ids(lm: nn.Module) -> dict[str, Any]:
-    """eos / pad / bos ids as transformers' generate reads them: generation_config over config.json;
-    eos as an int or a list, None where the model names none."""
+    """eos / pad / bos ids as transformers' generate reads them: from the model's generation_config
+    (config.json only for a model without one; transformers 5 reads no other); eos an int or a list,
+    None where it names none."""
     generation = getattr(lm, "generation_config", None)
+    source = generation if generation is not None else lm.config
 
     def pick(name: str) -> Any:
-        value = getattr(generation, name, None) if generation is not None else None
-        value = value if value is not None else getattr(lm.config, name, None)
+        value = getattr(source, name, None)
         if isinstance(value, (list, tuple)):
             return [int(v) for v in value] or None
         return None if value is None else int(value)
 
     return {name: pick(name) for name in ("eos_token_id", "pad_token_id", "bos_token_id")}
+
+
+def generation_record(lm: nn.Module) -> dict[str, Any]:
+    """What a KV-cache graph records for generate: the ids and the settings that change greedy tokens."""
+    return {**generation_ids(lm), "settings": greedy_settings(getattr(lm, "generation_config", None))}
 
 
 def graph_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -81,6 +91,23 @@ def graph_metadata(path: str | os.PathLike) -> dict[str, str]:
 def saved_modules_in(metadata: Mapping[str, str]) -> dict[str, str]:
     """Module -> adapter whose trained copy (modules_to_save) the graph holds; {} when none or not recorded."""
     return json.loads(metadata.get(SAVED_MODULES, "{}"))
+
+
+PREDATES_WARNING = ("was exported before graphs recorded the modules their adapter trains whole (modules_to_save): "
+                    "if it holds a trained head, an adapter file runs with that head. Export it again to have "
+                    "this checked")
+
+
+def predates_saved_modules(metadata: Mapping[str, str]) -> bool:
+    """A graph of ours exported before graphs recorded their trained modules: adapter files cannot be checked."""
+    unmerged = not json.loads(metadata.get(MERGED, "true"))
+    return f"{METADATA_PREFIX}version" in metadata and SAVED_MODULES not in metadata and unmerged
+
+
+def exported_class(metadata: Mapping[str, str]) -> str | None:
+    """The recorded base model class (older KV-cache graphs recorded the export's `<class>WithPast`)."""
+    recorded = metadata.get(BASE_MODEL)
+    return recorded.removesuffix("WithPast") if recorded else None
 
 
 def saved_modules_refusal(metadata: Mapping[str, str], graph: str) -> str | None:
@@ -96,6 +123,6 @@ def saved_modules_refusal(metadata: Mapping[str, str], graph: str) -> str | None
             "adapter (export_onnx / miss-export without --unmerged), or train the adapters without modules_to_save")
 
 
-def recorded_generation_ids(metadata: Mapping[str, str]) -> dict[str, Any] | None:
-    """The generation_ids a KV-cache graph records; None for other graphs and older exports."""
+def recorded_generation(metadata: Mapping[str, str]) -> dict[str, Any] | None:
+    """The generation_record a KV-cache graph holds; None for other graphs and older exports."""
     return json.loads(metadata[GENERATION]) if GENERATION in metadata else None

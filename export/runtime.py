@@ -31,7 +31,7 @@ import torch
 from .adapters import NO_BLOCKS, adapter_fit_problems, read_onnx_adapter, signature
 from .inputs import with_default_inputs
 from .names import is_block_input, is_stack_input, split_block_input
-from .provenance import saved_modules_refusal
+from .provenance import PREDATES_WARNING, predates_saved_modules, saved_modules_refusal
 
 __all__ = ["load_session", "MissSession", "AdapterFile"]
 
@@ -140,6 +140,9 @@ class MissSession:
         self.input_types = {i.name: i.type for i in [*session.get_inputs(), *session.get_overridable_initializers()]}
         # what the exporter recorded (export.provenance): decides adapter files and generate's eos
         self.metadata: dict[str, str] = dict(session.get_modelmeta().custom_metadata_map)
+        # decided once: adapter files refused (the graph holds trained heads), or not checkable (older export)
+        self._adapter_refusal = saved_modules_refusal(self.metadata, "this session's graph")
+        self._unchecked_heads = predates_saved_modules(self.metadata)
         self._overridable = {i.name: (tuple(i.shape), i.type) for i in session.get_overridable_initializers()}
         self._adapters: dict[str, _Cached] = {}
         # Rows of the exported stacks (n adapters + the zero block); the graph's first dim is symbolic.
@@ -169,9 +172,11 @@ class MissSession:
 
     def _refuse_adapter_files(self) -> None:
         """Adapter files swap blocks only: refused for a graph holding its adapter's trained heads."""
-        refusal = saved_modules_refusal(self.metadata, "this session's graph")
-        if refusal:
-            raise ValueError(f"adapter files are refused: {refusal}")
+        if self._adapter_refusal:
+            raise ValueError(f"adapter files are refused: {self._adapter_refusal}")
+        if self._unchecked_heads:
+            self._unchecked_heads = False  # said once per session
+            logger.warning("this session's graph %s", PREDATES_WARNING)
 
     def _read_file(self, key: str) -> _Cached:
         for _ in range(_READ_ATTEMPTS):

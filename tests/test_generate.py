@@ -16,6 +16,7 @@ import onnxruntime as ort
 import peft
 import pytest
 import torch
+import transformers
 from helpers import VOCAB, build, randomize_blocks
 
 from miss_compile import MissConfig, adapters_disabled, apply_miss, save_adapter, set_active_adapters
@@ -178,8 +179,6 @@ def test_generate_stops_at_the_models_own_eos_given_in_any_integer_form(head_tra
         got = session.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=form)
         assert torch.equal(got, expected), type(form)
     assert torch.equal(session.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=[]), free)
-    with pytest.raises(TypeError, match="eos_token_id must be integer token ids"):
-        session.generate(ids, attention_mask=mask, eos_token_id=2.0)
 
 
 def test_a_graph_holding_trained_heads_refuses_adapter_files(head_trained, tmp_path):
@@ -202,6 +201,88 @@ def test_a_graph_holding_trained_heads_refuses_adapter_files(head_trained, tmp_p
                  lambda: session.generate(ids, attention_mask=mask, adapter=ort.LoraAdapter())):
         with pytest.raises(ValueError, match=r"adapter files are refused: this session's graph .*lm_head"):
             call()
+
+
+def test_bad_ids_are_refused_by_name(head_trained):
+    path, _, _ = head_trained
+    session = load_session(path, device="cpu")
+    ids, mask = prompts([5])
+    for eos in ("2", [[15]], 2.0, True):
+        with pytest.raises(TypeError, match=r"eos_token_id must be an integer token id or a flat list of them"):
+            session.generate(ids, attention_mask=mask, eos_token_id=eos)
+    with pytest.raises(ValueError, match=r"pad_token_id must be one id, got \[\]"):
+        session.generate(ids, attention_mask=mask, pad_token_id=[])
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['top_k'\].*'repetition_penalty'"):
+        session.generate(ids, attention_mask=mask, top_k=5)
+
+
+def test_a_graph_exported_before_the_record_warns_that_heads_are_unchecked(head_trained, tmp_path, caplog):
+    """Older graphs carry no modules_to_save record: an adapter file is still run, with one warning."""
+    path, _, _ = head_trained
+    graph = onnx.load(str(path))
+    kept = [p for p in graph.metadata_props if p.key != "miss_compile.modules_to_save"]
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(kept)
+    older = tmp_path / "older.onnx"
+    onnx.save(graph, str(older))
+    file = write_onnx_adapter(adapted("llama", seed=3), tmp_path / "other.onnx_adapter")
+    session = load_session(older, device="cpu")
+    with caplog.at_level(logging.WARNING, logger="miss_compile.export.runtime"):
+        session.load_adapter(file)
+        session.load_adapter(file)
+    assert caplog.text.count("was exported before graphs recorded the modules their adapter trains whole") == 1
+
+
+@pytest.fixture(scope="module")
+def with_settings(tmp_path_factory):
+    """A merged Llama whose generation_config changes greedy tokens the way shipped models do."""
+    model = adapted("llama", seed=2)
+    settings = {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "min_new_tokens": 6,
+                "suppress_tokens": [5, 9], "begin_suppress_tokens": [7], "bad_words_ids": [[11, 12]]}
+    model.generation_config.update(**settings, eos_token_id=EOS, pad_token_id=PAD)
+    path = tmp_path_factory.mktemp("settings") / "model.onnx"
+    export_causal_lm(model, path, merged=True)
+    return path, model, settings
+
+
+def test_generation_config_settings_are_applied_as_transformers_applies_them(with_settings):
+    path, model, settings = with_settings
+    metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    recorded = json.loads(metadata["miss_compile.generation"])
+    assert recorded == {"eos_token_id": EOS, "pad_token_id": PAD, "bos_token_id": model.generation_config.bos_token_id,
+                        "settings": settings}
+    session = load_session(path, device="cpu")
+    for lengths in ([6], [7, 4, 2]):
+        ids, mask = prompts(lengths)
+        expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert not torch.equal(expected, reference(model, ids, mask, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                                                   suppress_tokens=None, bad_words_ids=None))  # the settings bite
+        assert torch.equal(session.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS), expected)
+        overridden = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                    repetition_penalty=1.1, no_repeat_ngram_size=3)
+        got = session.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, repetition_penalty=1.1,
+                               no_repeat_ngram_size=3)
+        assert torch.equal(got, overridden)
+
+
+def test_settings_generate_cannot_apply_are_refused_by_name():
+    from miss_compile.export.greedy import greedy_settings, logits_processors
+
+    config = transformers.GenerationConfig(sequence_bias={(3,): 1.0}, repetition_penalty=1.2)
+    settings = greedy_settings(config)
+    assert settings == {"repetition_penalty": 1.2, "refused": ["sequence_bias"]}
+    with pytest.raises(NotImplementedError, match=r"generation_config sets \['sequence_bias'\].*set them to None"):
+        logits_processors(settings, torch.tensor([EOS]), torch.ones(1, 3, dtype=torch.long), 4)
+
+
+def test_eos_and_pad_come_from_generation_config_as_in_transformers():
+    """transformers 5 reads the ids from generation_config only: config.json's eos does not stop it."""
+    from miss_compile.export.provenance import generation_ids
+
+    model = build("llama")
+    model.config.eos_token_id, model.config.pad_token_id = 15, 9
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = None
+    assert generation_ids(model)["eos_token_id"] is None and generation_ids(model)["pad_token_id"] is None
 
 
 def test_an_adapter_trained_on_another_class_is_written_with_a_warning(exported, tmp_path, caplog):
