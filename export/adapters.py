@@ -25,7 +25,6 @@ from .names import block_input_name, is_block_input, is_stack_input, split_block
 from .provenance import (
     PREDATES_WARNING,
     exported_class,
-    graph_metadata,
     predates_saved_modules,
     saved_modules_refusal,
 )
@@ -67,6 +66,25 @@ def adapter_parameters(adapter: str | os.PathLike | nn.Module, adapter_name: str
     return {block_input_name(name, graph_name): block for name, block in blocks.items()}
 
 
+def _checked_graph_blocks(model_path: Path, trained: str | os.PathLike | nn.Module | None
+                          ) -> dict[str, tuple[tuple[int, ...], type]]:
+    """The overridable blocks of the graph at `model_path`, once the graph may take an adapter file at all
+    (not for trained heads, nor a merged graph); warns where the graph cannot tell or another class trained it."""
+    graph = onnx.load(str(model_path), load_external_data=False)
+    metadata = {p.key: p.value for p in graph.metadata_props}
+    refusal = saved_modules_refusal(metadata, str(model_path))
+    if refusal:
+        raise ValueError(f"write_onnx_adapter: {refusal}")
+    if predates_saved_modules(metadata):
+        logger.warning("write_onnx_adapter: %s %s", model_path, PREDATES_WARNING)
+    if trained is not None:
+        _warn_if_other_base(trained, metadata, model_path)
+    blocks = _graph_blocks(graph, model_path)
+    if not blocks:
+        raise ValueError(f"{model_path} {NO_BLOCKS}")
+    return blocks
+
+
 def _graph_blocks(model: onnx.ModelProto, model_path: Path) -> dict[str, tuple[tuple[int, ...], type]]:
     initializers = {i.name: i for i in model.graph.initializer}
     blocks = {}
@@ -95,10 +113,7 @@ def write_onnx_adapter(
     set it to the adapter name the graph was exported with). With `model_path`, names, shapes and
     coverage are checked against that graph's overridable blocks and dtypes follow it (fp16 exports);
     without it the blocks are written as fp32, and sessions check them when they load the file."""
-    parameters = adapter_parameters(adapter, adapter_name, as_name)
-    if model_path is not None:
-        _warn_if_other_base(adapter, graph_metadata(model_path), model_path)
-    return _write(parameters, path, model_path)
+    return _write(adapter_parameters(adapter, adapter_name, as_name), path, model_path, trained=adapter)
 
 
 def _warn_if_other_base(adapter: str | os.PathLike | nn.Module, metadata: dict[str, str],
@@ -202,20 +217,13 @@ def _naming_hints(extra: list[str], missing: list[str]) -> list[str]:
     return hints
 
 
-def _write(parameters: dict[str, torch.Tensor], path: str | os.PathLike, model_path: str | os.PathLike | None) -> Path:
+def _write(parameters: dict[str, torch.Tensor], path: str | os.PathLike, model_path: str | os.PathLike | None,
+           trained: str | os.PathLike | nn.Module | None = None) -> Path:
+    """`trained`: the adapter the parameters come from, compared with the graph's base class."""
     if model_path is None:
         expected = {name: (tuple(block.shape), np.float32) for name, block in parameters.items()}
     else:
-        graph = onnx.load(str(model_path), load_external_data=False)
-        metadata = {p.key: p.value for p in graph.metadata_props}
-        refusal = saved_modules_refusal(metadata, str(model_path))
-        if refusal:
-            raise ValueError(f"write_onnx_adapter: {refusal}")
-        if predates_saved_modules(metadata):
-            logger.warning("write_onnx_adapter: %s %s", model_path, PREDATES_WARNING)
-        expected = _graph_blocks(graph, Path(model_path))
-        if not expected:
-            raise ValueError(f"{model_path} {NO_BLOCKS}")
+        expected = _checked_graph_blocks(Path(model_path), trained)
     graph = {name: (shape, None) for name, (shape, _) in expected.items()}  # dtypes follow the graph: cast below
     signature = {name: (tuple(block.shape), None) for name, block in parameters.items()}
     problems = adapter_fit_problems(signature, _free_stack_dims(graph))

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
-import onnx
 from torch import nn
 
 from miss_compile.peft_compat import adapter_variant, model_root, named_miss_layers
@@ -27,7 +25,7 @@ from miss_compile.saved_modules import running_saved_copies
 
 from .greedy import greedy_settings
 
-__all__ = ["METADATA_PREFIX", "provenance", "generation_ids", "generation_record", "graph_metadata", "saved_modules_in",
+__all__ = ["METADATA_PREFIX", "provenance", "generation_ids", "generation_record", "saved_modules_in",
            "saved_modules_refusal", "recorded_generation", "predates_saved_modules", "exported_class",
            "PREDATES_WARNING"]
 
@@ -81,11 +79,6 @@ def generation_ids(lm: nn.Module) -> dict[str, Any]:
 def generation_record(lm: nn.Module) -> dict[str, Any]:
     """What a KV-cache graph records for generate: the ids and the settings that change greedy tokens."""
     return {**generation_ids(lm), "settings": greedy_settings(getattr(lm, "generation_config", None))}
-
-
-def graph_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata_props of the ONNX model at `path` (its weights are not read)."""
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
 def saved_modules_in(metadata: Mapping[str, str]) -> dict[str, str]:
