@@ -229,9 +229,19 @@ def _split_keys(
     if unexpected:
         raise ValueError(
             f"{directory}: keys that are not MiSS blocks ({KEY_PREFIX}<module>{KEY_SUFFIX}) nor tensors of "
-            f"modules_to_save={config.modules_to_save}: {sorted(unexpected)}"
+            f"modules_to_save={config.modules_to_save}: {sorted(unexpected)}" + _base_layer_hint(unexpected)
         )
     return blocks, saved
+
+
+def _base_layer_hint(keys: list[str]) -> str:
+    """PEFT saves the base weights of targeted embeddings / lm_head (save_embedding_layers="auto"):
+    refused rather than dropped, since they may differ from the base model's (a resized vocabulary)."""
+    if not any(key.endswith(".base_layer.weight") for key in keys):
+        return ""
+    return ("; these are base-layer weights PEFT saves when lm_head or the embeddings are targeted "
+            "(save_embedding_layers). If the base model's vocabulary was not resized or changed, re-save the "
+            "adapter with save_pretrained(..., save_embedding_layers=False); otherwise load it with PEFT")
 
 
 def _read_legacy(path: Path) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from .checkpoint import CONFIG_NAME, KEY_PREFIX, modules_to_save_of, read_checkp
 from .layer import base_features
 from .peft_compat import is_miss_layer, layers_with, model_root, named_miss_layers, peft_tuner
 from .saved_modules import saved_tensors
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["to_lora", "lora_factors"]
 
@@ -98,12 +101,34 @@ def to_lora(
     if not names or len(set(names)) != len(names):
         raise ValueError(f"combine must name distinct adapters, got {combine!r}")
     if isinstance(source, nn.Module):
+        root = model_root(source)
         adapters = [_read_model(source, name) for name in names]
     else:
-        base = _base_root(base_model, Path(source))
-        adapters = [_read_folder(Path(source), name, base) for name in names]
+        root = _base_root(base_model, Path(source))
+        adapters = [_read_folder(Path(source), name, root) for name in names]
     tensors, config = _convert(adapters, uniform_rank)
+    _warn_if_tied(root, sorted({name for adapter in adapters for name in adapter.layers}))
     return write_peft_folder(out_dir, tensors, config)
+
+
+def _warn_if_tied(root: nn.Module, layer_names: list[str]) -> None:
+    """One WARNING for targets whose weight another module shares (a tied lm_head): the LoRA is exact as
+    an adapter, but PEFT's merge_and_unload writes W + dW into the shared weight, the embeddings too."""
+    names_of: dict[int, list[str]] = {}
+    for name, parameter in root.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(parameter), []).append(name)
+    tied = {}
+    for layer_name in layer_names:
+        module = root.get_submodule(layer_name)
+        weight = (_base_of(module) if is_miss_layer(module) else module).weight
+        if len(names_of.get(id(weight), [])) > 1:
+            tied[layer_name] = [n for n in names_of[id(weight)] if not n.startswith(layer_name + ".")]
+    if tied:
+        logger.warning(
+            "to_lora: %s share their weight with %s (tied embeddings). The LoRA gives the MiSS outputs as an "
+            "adapter, but PEFT's merge_and_unload() writes W + dW into the shared weight and so changes the "
+            "embeddings too: serve it unmerged (vLLM, SGLang and PEFT do), or untie the weights before merging.",
+            sorted(tied), sorted({n for names in tied.values() for n in names}))
 
 
 # --- reading
@@ -137,8 +162,17 @@ def _read_model(model: nn.Module, name: str) -> _Adapter:
 
 
 def _adapter_folder(folder: Path, name: str) -> Path:
+    """Where adapter `name` lives in PEFT's layout: `default` in the folder, others in `<name>/`. A folder
+    holding one adapter serves any name (save_adapter writes a named adapter at the top); one with
+    several refuses a name it does not hold rather than convert another adapter."""
     nested = folder / name
-    return nested if name != "default" and (nested / CONFIG_NAME).is_file() else folder
+    if name != "default" and (nested / CONFIG_NAME).is_file():
+        return nested
+    others = sorted(child.name for child in folder.iterdir() if (child / CONFIG_NAME).is_file())
+    if name != "default" and others:
+        raise ValueError(f"{folder} holds no adapter named {name!r}: it holds 'default' (the top folder) and "
+                         f"{others} (subfolders); pass one of them as adapter_name (--adapter-name)")
+    return folder
 
 
 def _read_folder(folder: Path, name: str, base: nn.Module) -> _Adapter:

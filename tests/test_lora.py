@@ -3,6 +3,7 @@
 case refused naming the layer, with nothing written."""
 
 import json
+import logging
 
 import peft
 import pytest
@@ -246,6 +247,35 @@ def test_cli_combines_peft_adapter_subfolders(tmp_path):
     assert_same_outputs(model, lora_model("llama", tmp_path / "b_only"))
     set_active_adapters(model, ["default", "b"])
     assert_same_outputs(model, lora_model("llama", tmp_path / "both"))
+    # a name the folder does not hold is refused, not served by the top folder's adapter
+    with pytest.raises(ValueError, match=r"holds no adapter named 'c': it holds 'default' \(the top folder\) and \['b'\]"):
+        to_lora(tmp_path / "miss", tmp_path / "c_only", adapter_name="c", base_model=tmp_path / "base")
+    assert not (tmp_path / "c_only").exists()
+
+
+def test_a_tied_lm_head_target_warns_that_peft_merging_changes_the_embeddings(tmp_path, caplog):
+    """Exact as an adapter (tested), but merge_and_unload adds dW to the weight lm_head shares with the embeddings."""
+    model = adapted("gpt2", "balance", 3, targets=["c_attn", "lm_head"])  # GPT-2 ties lm_head to wte
+    with caplog.at_level(logging.WARNING, logger="miss_compile.lora"):
+        to_lora(model, tmp_path / "tied")
+    assert "['lm_head'] share their weight with ['transformer.wte.weight']" in caplog.text
+    assert_same_outputs(model, lora_model("gpt2", tmp_path / "tied"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="miss_compile.lora"):
+        to_lora(adapted("llama", "balance", 3, targets=["q_proj", "lm_head"]), tmp_path / "untied")
+    assert "share their weight" not in caplog.text
+
+
+def test_peft_folder_with_base_layer_weights_names_the_fix(tmp_path):
+    """PEFT saves lm_head's base weights when lm_head is targeted: refused (not dropped), with the re-save."""
+    theirs = peft.get_peft_model(build("llama"), peft.MissConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    theirs.save_pretrained(tmp_path / "with_base")
+    with pytest.raises(ValueError, match=r"lm_head.base_layer.weight.*save_embedding_layers=False"):
+        to_lora(tmp_path / "with_base", tmp_path / "lora", base_model=build("llama"))
+    randomize_blocks(theirs)
+    theirs.save_pretrained(tmp_path / "blocks_only", save_embedding_layers=False)
+    to_lora(tmp_path / "blocks_only", tmp_path / "lora", base_model=build("llama"))
+    assert_same_outputs(theirs.eval(), lora_model("llama", tmp_path / "lora"))
 
 
 @pytest.mark.slow
