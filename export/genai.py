@@ -43,7 +43,7 @@ from miss_compile.peft_compat import model_root, named_miss_layers
 from .adapters import adapter_fit_problems, adapter_parameters, read_onnx_adapter, write_onnx_adapter
 from .names import is_block_input
 from .onnx import export_causal_lm
-from .provenance import generation_ids
+from .provenance import generation_ids, token_ids_of
 
 __all__ = ["export_genai_folder", "GenaiFolder", "GENAI_ARCHITECTURES", "TOKENIZER_FILES"]
 
@@ -263,9 +263,9 @@ def _token_ids(lm: nn.Module) -> dict[str, Any]:
     genai would stop at token 0 (its eos defaults to the pad id)."""
     found = generation_ids(lm)
     eos, pad, bos = found["eos_token_id"], found["pad_token_id"], found["bos_token_id"]
-    if eos is None and getattr(lm.config, "eos_token_id", None) is not None:
-        eos = lm.config.eos_token_id
-        eos = [int(e) for e in eos] if isinstance(eos, (list, tuple)) else int(eos)
+    from_config = token_ids_of(lm.config)["eos_token_id"]
+    if eos is None and from_config is not None:
+        eos = from_config
         logger.warning("export_genai_folder: %s's generation_config names no eos_token_id; config.json's %s is "
                        "written, since onnxruntime-genai needs one to stop (transformers' generate would not stop "
                        "there)", type(lm).__name__, eos)

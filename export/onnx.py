@@ -33,12 +33,12 @@ from torch import nn
 
 from miss_compile.files import write_files_atomically
 from miss_compile.inject import merge_adapters
-from miss_compile.peft_compat import from_peft, model_root, named_miss_layers
+from miss_compile.peft_compat import from_peft, named_miss_layers
 from miss_compile.stacked import has_stacks, refresh_stacks
 
 from . import inputs
 from . import validate as validation
-from .causal_lm import cache_export, flat_cache_base
+from .causal_lm import cache_export
 from .functions import group_into_functions
 from .names import BLOCK_MARKER, STACK_SUFFIX, is_overridable_input, is_stack_input
 from .provenance import METADATA_PREFIX, provenance
@@ -126,8 +126,7 @@ def export_onnx(
     # The outputs to validate against come from the adapters as they run, before any merge: a
     # merge that changed what it must not (a weight read elsewhere too) then fails validation.
     expected = validation.expected_outputs(prepared, cases)
-    properties = {**provenance(model, prepared, merged, "adapter_ids" in kwargs, flat_cache_base(model_root(model))),
-                  **(metadata or {})}
+    properties = {**provenance(model, prepared, merged, "adapter_ids" in kwargs), **(metadata or {})}
     if merged and named_miss_layers(prepared):
         fold_adapters(prepared)
     if external_data is None:

@@ -23,9 +23,10 @@ from torch import nn
 from miss_compile.peft_compat import adapter_variant, model_root, named_miss_layers
 from miss_compile.saved_modules import running_saved_copies
 
+from .causal_lm import flat_cache_base
 from .greedy import greedy_settings
 
-__all__ = ["METADATA_PREFIX", "provenance", "generation_ids", "generation_record", "saved_modules_in",
+__all__ = ["METADATA_PREFIX", "provenance", "generation_ids", "token_ids_of", "generation_record", "saved_modules_in",
            "saved_modules_refusal", "recorded_generation", "predates_saved_modules", "exported_class",
            "PREDATES_WARNING"]
 
@@ -34,11 +35,9 @@ BASE_MODEL, MERGED, SAVED_MODULES, GENERATION = (
     f"{METADATA_PREFIX}{key}" for key in ("base_model", "merged", "modules_to_save", "generation"))
 
 
-def provenance(model: nn.Module, prepared: nn.Module, merged: bool, stacked: bool,
-               base_class: type | None = None) -> dict[str, str]:
-    """metadata_props saying where the graph came from. `prepared`: export.prepare(model); `base_class`:
-    the user's class when `model` runs under an export-only subclass (the KV-cache export's), which
-    also records what generate needs (generation_record)."""
+def provenance(model: nn.Module, prepared: nn.Module, merged: bool, stacked: bool) -> dict[str, str]:
+    """metadata_props saying where the graph came from. `prepared`: export.prepare(model). A KV-cache
+    export (its model runs under the flat-cache subclass) also records what generate needs."""
     layers = named_miss_layers(prepared)
     variants: dict[str, set[str]] = {}
     for layer in layers.values():
@@ -46,6 +45,7 @@ def provenance(model: nn.Module, prepared: nn.Module, merged: bool, stacked: boo
             variants.setdefault(name, set()).add(adapter_variant(layer, name))
     active = sorted({name for layer in layers.values() if not layer.disable_adapters for name in layer.active_adapters})
     root = model_root(model)
+    base_class = flat_cache_base(root)  # the user's class under the KV-cache export's subclass
     properties = {
         f"{METADATA_PREFIX}version": importlib.metadata.version("miss_compile"),
         BASE_MODEL: (base_class or type(root)).__name__,
@@ -65,7 +65,11 @@ def generation_ids(lm: nn.Module) -> dict[str, Any]:
     (config.json only for a model without one; transformers 5 reads no other); eos an int or a list,
     None where it names none."""
     generation = getattr(lm, "generation_config", None)
-    source = generation if generation is not None else lm.config
+    return token_ids_of(generation if generation is not None else lm.config)
+
+
+def token_ids_of(source: Any) -> dict[str, Any]:
+    """eos / pad / bos ids as a config (or generation config) names them, as ints (eos may be a list)."""
 
     def pick(name: str) -> Any:
         value = getattr(source, name, None)

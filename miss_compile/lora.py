@@ -28,7 +28,7 @@ from . import reference
 from .adapter_settings import check_consistent
 from .checkpoint import CONFIG_NAME, KEY_PREFIX, modules_to_save_of, read_checkpoint, write_peft_folder
 from .layer import base_features
-from .peft_compat import is_miss_layer, layers_with, model_root, named_miss_layers, peft_tuner
+from .peft_compat import is_miss_layer, layers_with, model_root, named_miss_layers, peft_tuner, shared_weights
 from .saved_modules import saved_tensors
 
 logger = logging.getLogger(__name__)
@@ -114,21 +114,17 @@ def to_lora(
 def _warn_if_tied(root: nn.Module, layer_names: list[str]) -> None:
     """One WARNING for targets whose weight another module shares (a tied lm_head): the LoRA is exact as
     an adapter, but PEFT's merge_and_unload writes W + dW into the shared weight, the embeddings too."""
-    names_of: dict[int, list[str]] = {}
-    for name, parameter in root.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(parameter), []).append(name)
-    tied = {}
-    for layer_name in layer_names:
-        module = root.get_submodule(layer_name)
-        weight = (_base_of(module) if is_miss_layer(module) else module).weight
-        if len(names_of.get(id(weight), [])) > 1:
-            tied[layer_name] = [n for n in names_of[id(weight)] if not n.startswith(layer_name + ".")]
+    modules = {name: root.get_submodule(name) for name in layer_names}
+    weights = {name: (_base_of(module) if is_miss_layer(module) else module).weight for name, module in modules.items()}
+    tied = shared_weights(root, weights)
     if tied:
+        others = sorted({reader for name, readers in tied.items() for reader in readers
+                         if not reader.startswith(name + ".")})
         logger.warning(
             "to_lora: %s share their weight with %s (tied embeddings). The LoRA gives the MiSS outputs as an "
             "adapter, but PEFT's merge_and_unload() writes W + dW into the shared weight and so changes the "
             "embeddings too: serve it unmerged (vLLM, SGLang and PEFT do), or untie the weights before merging.",
-            sorted(tied), sorted({n for names in tied.values() for n in names}))
+            sorted(tied), others)
 
 
 # --- reading

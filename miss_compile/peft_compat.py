@@ -18,7 +18,7 @@ from .layer import MissLinear, carry_untied_weight, has_untied_weight
 from .saved_modules import SavedModule, from_peft_wrapper, saved_module_wrappers
 
 __all__ = ["peft_tuner", "is_miss_layer", "adapter_variant", "named_miss_layers", "layers_with", "model_root", "from_peft",
-           "shared_base_weights", "base_weight_of"]
+           "shared_base_weights", "shared_weights", "base_weight_of"]
 
 
 def _peft() -> Any:
@@ -90,12 +90,18 @@ def _memory(tensor: torch.Tensor) -> tuple[tuple, int, int] | None:
 
 def shared_base_weights(model: nn.Module) -> dict[str, list[str]]:
     """MiSS layer name -> every parameter or buffer name that reads its base weight, for the layers
-    whose base weight some other module reads too: the same Parameter under two names (a tied
-    lm_head and input embedding) or another tensor over the same memory. Merging into such a
+    whose base weight some other module reads too (see shared_weights). Merging into such a
     weight in place would change those modules as well."""
+    layers = named_miss_layers(model)
+    return shared_weights(model_root(model), {name: base_weight_of(layer) for name, layer in layers.items()})
+
+
+def shared_weights(root: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Key -> every parameter or buffer name of `root` that reads `weights[key]`, for the weights some
+    other module reads too: the same Parameter under two names (a tied lm_head and input embedding)
+    or another tensor over the same memory."""
     holders: dict[int, list[str]] = defaultdict(list)
     tensors: dict[int, torch.Tensor] = {}
-    root = model_root(model)
     for name, tensor in [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]:
         holders[id(tensor)].append(name)
         tensors[id(tensor)] = tensor
@@ -105,8 +111,7 @@ def shared_base_weights(model: nn.Module) -> dict[str, list[str]]:
         if memory is not None:
             by_storage[memory[0]].append((memory[1], memory[2], holders[key]))
     shared: dict[str, list[str]] = {}
-    for layer_name, layer in named_miss_layers(model).items():
-        weight = base_weight_of(layer)
+    for key, weight in weights.items():
         readers = set(holders[id(weight)])
         memory = _memory(weight)
         if memory is not None:
@@ -115,7 +120,7 @@ def shared_base_weights(model: nn.Module) -> dict[str, list[str]]:
                 if other_start < end and start < other_end:
                     readers.update(names)
         if len(readers) > 1:
-            shared[layer_name] = sorted(readers)
+            shared[key] = sorted(readers)
     return shared
 
 
