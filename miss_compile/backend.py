@@ -158,6 +158,34 @@ def _warn_if_not_adapted(report: PassReport, gm: fx.GraphModule, state: _Warning
             len(linears), ", ".join(linears[:3]), ", ..." if len(linears) > 3 else "")
 
 
+# Dynamo's hint for this graph break names the setting; its presence among the graph breaks is the sign.
+_CHECKPOINT_SIDE_EFFECTS = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+
+
+def _warn_if_checkpoints_ran_eagerly(state: _Warnings) -> bool:
+    """WARNING, once until torch.compiler.reset(), when Dynamo ran activation-checkpointed regions eagerly
+    because they change Python state (transformers >= 5.25 sets a context variable in every attention
+    forward): the MiSS layers inside are neither compiled nor rewritten, and no graph of theirs reaches
+    this backend, so only Dynamo's graph-break record tells. Returns whether that is the case."""
+    if getattr(torch._dynamo.config, _CHECKPOINT_SIDE_EFFECTS, True):
+        return False  # on (or a torch without the setting): such regions are traced
+    # Dynamo's graph breaks since torch.compiler.reset(), this one's included.
+    breaks = getattr(torch._dynamo.utils, "graph_break_reasons", [])
+    if not any(_CHECKPOINT_SIDE_EFFECTS in str(getattr(item, "reason", "")) for item in breaks):
+        return False
+    if ("checkpoint side effects",) not in state.said:
+        state.said.add(("checkpoint side effects",))
+        logger.warning(
+            "miss_backend: Dynamo ran activation-checkpointed regions eagerly because their forward changes "
+            "Python state (gradient checkpointing on transformers >= 5.25 does: its attention forward sets a "
+            "context variable), so the MiSS layers inside are neither compiled nor rewritten: right numbers, "
+            "eager speed. Set torch._dynamo.config.%s = True before compiling (and torch.compiler.reset() if "
+            "this model was compiled already): Dynamo then traces those regions and does not re-run their Python "
+            "side effects in the backward's recompute (transformers' set-and-reset needs no re-run).",
+            _CHECKPOINT_SIDE_EFFECTS)
+    return True
+
+
 def _is_linear(node: fx.Node) -> bool:
     return is_call(node, (F.linear, torch._C._nn.linear))
 
@@ -184,7 +212,8 @@ def make_backend(merge: bool = False, config_patches: dict[str, Any] | None = No
         # torch.compile(..., mode=, options=) reach a custom backend as these keywords (when not default).
         all_patches = {**patches, **inductor_options(mode, options)}
         report = graph_pass.rewrite(gm)
-        _warn_if_not_adapted(report, gm, warnings)
+        if not _warn_if_checkpoints_ran_eagerly(warnings):
+            _warn_if_not_adapted(report, gm, warnings)
         if merge and any(item.merged for item in report.rewritten):
             _warn_unless_parameters_are_constants(backend)
         # Freezing from make_backend, options= or the global config: parameters are constants from here on.

@@ -1,6 +1,7 @@
 """torch.compile as users call it: every mode and options= pass through to Inductor, and a compile that
 adapts nothing (or leaves MiSS layers untouched) says so once at WARNING, while a full rewrite is quiet."""
 
+import copy
 import logging
 
 import peft
@@ -146,6 +147,82 @@ def test_a_plain_head_split_off_after_adapted_layers_is_quiet(caplog):
         torch.testing.assert_close(torch.compile(model, backend=backend)(x), model(x), rtol=1e-5, atol=1e-6)
     assert [len(report.rewritten) for report in backend.graph_pass.reports] == [2, 0]  # two graphs, the head's plain
     assert _warnings(caplog) == []
+
+
+class _ActiveKernels:
+    """Python state a checkpointed forward sets and resets, as transformers >= 5.25's attention does
+    (kernels' CompileableContextVar): Dynamo does not trace that inside a checkpoint's body by default."""
+
+    def __init__(self) -> None:
+        self.value = None
+
+    def set(self, value: dict) -> dict | None:
+        previous, self.value = self.value, value
+        return previous
+
+    def reset(self, previous: dict | None) -> None:
+        self.value = previous
+
+
+_KERNELS = _ActiveKernels()
+
+
+class _SideEffectingCheckpoint(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = TwoLinears()
+        self.head = nn.Linear(8, 5)
+
+    def region(self, x: torch.Tensor) -> torch.Tensor:
+        token = _KERNELS.set({"attention": self.body.forward})  # not a constant: Dynamo cannot check its restoring
+        try:
+            return self.body(x)
+        finally:
+            _KERNELS.reset(token)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.utils.checkpoint.checkpoint(self.region, x, use_reentrant=False))
+
+
+def _train_step_checkpointed(caplog) -> tuple[nn.Module, object]:
+    """One compiled training step of adapted layers inside a side-effecting checkpoint; gradients equal eager's."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_SideEffectingCheckpoint(), peft.MissConfig(r=4, target_modules=["up", "down"]))
+    for layer in named_miss_layers(model).values():
+        layer.miss_block["default"].data.normal_(0, 0.1)
+    reference = copy.deepcopy(model)
+    backend = make_backend()
+    x = torch.randn(2, 12)
+    with caplog.at_level(logging.WARNING, logger="miss_compile"):
+        torch.compile(model, backend=backend)(x).square().sum().backward()
+    reference(x).square().sum().backward()
+    for (name, param), expected in zip(model.named_parameters(), reference.parameters(), strict=True):
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, expected.grad, rtol=1e-5, atol=1e-6, msg=name)
+    return model, backend
+
+
+def test_checkpointed_regions_run_eagerly_warn_with_the_setting(caplog):
+    """Dynamo runs a checkpoint whose forward writes Python state eagerly: no graph of those layers
+    reaches the backend, so it must say so from Dynamo's record, naming the setting that fixes it."""
+    torch.compiler.reset()
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=False):
+        _, backend = _train_step_checkpointed(caplog)
+    assert sum(len(report.rewritten) for report in backend.graph_pass.reports) == 0  # the layers ran eagerly
+    messages = _warnings(caplog)
+    assert len(messages) == 1, messages
+    assert "ran activation-checkpointed regions eagerly" in messages[0]
+    assert "torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True" in messages[0]
+
+
+def test_checkpointed_regions_with_the_setting_are_rewritten(caplog):
+    torch.compiler.reset()
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        _, backend = _train_step_checkpointed(caplog)
+    assert sorted(item.layer for report in backend.graph_pass.reports for item in report.rewritten) == [
+        "base_model.model.body.down", "base_model.model.body.up"]
+    assert _warnings(caplog) == []
+    assert _KERNELS.value is None  # set and reset, as in eager
 
 
 def test_a_graph_without_linears_is_quiet(caplog):
