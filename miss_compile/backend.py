@@ -125,13 +125,14 @@ class _Warnings:
         self.adapted.clear()
 
 
-def _warn_if_not_adapted(report: PassReport, gm: fx.GraphModule, state: _Warnings) -> None:
+def _warn_if_not_adapted(report: PassReport, gm: fx.GraphModule, state: _Warnings, eager_checkpoints: bool) -> None:
     """WARNING, once per layer (or per graph) until torch.compiler.reset(), when the pass left MiSS
     layers untouched or found none in a graph of Linears; a full rewrite, a graph without Linears and
     a graph of plain Linears after one this backend adapted (the LM head split off by a graph break,
     as gradient checkpointing makes) stay quiet; layers adapted before and plain now (adapters
     disabled) warn. The price: a model without adapters compiled after an adapted one, by the same
-    backend and without a reset, is not warned about."""
+    backend and without a reset, is not warned about. With `eager_checkpoints` (Dynamo ran checkpointed
+    regions eagerly, already warned) a graph without MiSS layers is no news either."""
     warned = state.said
     state.adapted.update(item.layer for item in report.rewritten)
     untouched = [(layer, why) for layer, why in report.skipped if ("untouched", layer, why) not in warned]
@@ -143,7 +144,7 @@ def _warn_if_not_adapted(report: PassReport, gm: fx.GraphModule, state: _Warning
             "miss_backend: %d MiSS layer(s) left untouched (they run as they are, under plain Inductor: right "
             "numbers, not the fast path): %s%s. miss_compile.explain(model, *inputs) lists every layer with its "
             "reason.", len(untouched), named, more)
-    if report.rewritten or report.skipped:
+    if report.rewritten or report.skipped or eager_checkpoints:
         return
     graphs = [module.graph for module in gm.modules() if isinstance(module, fx.GraphModule)]  # with HOP bodies
     linears = sorted({passes.layer_name(node) for graph in graphs for node in graph.nodes if _is_linear(node)})
@@ -212,8 +213,8 @@ def make_backend(merge: bool = False, config_patches: dict[str, Any] | None = No
         # torch.compile(..., mode=, options=) reach a custom backend as these keywords (when not default).
         all_patches = {**patches, **inductor_options(mode, options)}
         report = graph_pass.rewrite(gm)
-        if not _warn_if_checkpoints_ran_eagerly(warnings):
-            _warn_if_not_adapted(report, gm, warnings)
+        eager_checkpoints = _warn_if_checkpoints_ran_eagerly(warnings)
+        _warn_if_not_adapted(report, gm, warnings, eager_checkpoints)
         if merge and any(item.merged for item in report.rewritten):
             _warn_unless_parameters_are_constants(backend)
         # Freezing from make_backend, options= or the global config: parameters are constants from here on.

@@ -260,6 +260,30 @@ class _ScaledBranch(nn.Module):
         return self.base(x) + (x.reshape(*x.shape[:-1], 3, 4).sum(-2) * 2) @ self.block
 
 
+class _EagerCheckpointBesideALookalike(_SideEffectingCheckpoint):
+    """The side-effecting checkpoint beside a branch the pass refuses: both must be said."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lookalike = _ScaledBranch()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.head(self.lookalike(x))
+
+
+def test_eager_checkpoints_do_not_hide_untouched_layers(caplog):
+    torch.compiler.reset()
+    model = _EagerCheckpointBesideALookalike()
+    x = torch.randn(2, 12)
+    with (torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=False),
+          caplog.at_level(logging.WARNING, logger="miss_compile")):
+        torch.testing.assert_close(torch.compile(model, backend=make_backend())(x), model(x), rtol=1e-5, atol=1e-6)
+    messages = _warnings(caplog)
+    assert len(messages) == 2, messages
+    assert "ran activation-checkpointed regions eagerly" in messages[0]
+    assert "MiSS layer(s) left untouched" in messages[1] and "lookalike" in messages[1]
+
+
 def test_untouched_layers_warn_once_naming_count_and_explain(caplog):
     model = _ScaledBranch().eval()
     backend = make_backend()
