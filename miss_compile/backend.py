@@ -36,7 +36,7 @@ from torch import fx, nn
 from torch._inductor.compile_fx import compile_fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from . import lowering, ops, passes, reference  # noqa: F401  (lowering and ops register with torch)
+from . import graph_breaks, lowering, ops, passes, reference  # noqa: F401  (lowering and ops register with torch)
 from .pass_forms import attribute, is_call
 from .passes import PassReport, rewrite_miss_linears
 
@@ -114,25 +114,28 @@ def inductor_options(mode: str | None = None, options: dict[str, Any] | None = N
 
 @dataclass
 class _Warnings:
-    """What _warn_if_not_adapted said, and which layers this backend adapted, since the last
-    torch.compiler.reset()."""
+    """What this backend's warnings said, which layers it adapted, and whether Dynamo ran checkpointed
+    regions eagerly, since the last torch.compiler.reset(); and the graph breaks it has read."""
 
     said: set[tuple] = field(default_factory=set)
     adapted: set[str] = field(default_factory=set)
+    eager_checkpoints: bool = False
+    breaks: graph_breaks.BreakLog = field(default_factory=graph_breaks.BreakLog)
 
     def clear(self) -> None:
         self.said.clear()
         self.adapted.clear()
+        self.eager_checkpoints = False
 
 
-def _warn_if_not_adapted(report: PassReport, gm: fx.GraphModule, state: _Warnings, eager_checkpoints: bool) -> None:
+def _warn_if_not_adapted(report: PassReport, gm: fx.GraphModule, state: _Warnings) -> None:
     """WARNING, once per layer (or per graph) until torch.compiler.reset(), when the pass left MiSS
     layers untouched or found none in a graph of Linears; a full rewrite, a graph without Linears and
     a graph of plain Linears after one this backend adapted (the LM head split off by a graph break,
     as gradient checkpointing makes) stay quiet; layers adapted before and plain now (adapters
-    disabled) warn. The price: a model without adapters compiled after an adapted one, by the same
-    backend and without a reset, is not warned about. With `eager_checkpoints` (Dynamo ran checkpointed
-    regions eagerly, already warned) a graph without MiSS layers is no news either."""
+    disabled) warn. So does a graph of plain Linears after Dynamo ran checkpointed regions eagerly
+    (_warn_if_checkpoints_ran_eagerly said why). The price: a model without adapters compiled after
+    either, by the same backend and without a reset, is not warned about."""
     warned = state.said
     state.adapted.update(item.layer for item in report.rewritten)
     untouched = [(layer, why) for layer, why in report.skipped if ("untouched", layer, why) not in warned]
@@ -144,7 +147,7 @@ def _warn_if_not_adapted(report: PassReport, gm: fx.GraphModule, state: _Warning
             "miss_backend: %d MiSS layer(s) left untouched (they run as they are, under plain Inductor: right "
             "numbers, not the fast path): %s%s. miss_compile.explain(model, *inputs) lists every layer with its "
             "reason.", len(untouched), named, more)
-    if report.rewritten or report.skipped or eager_checkpoints:
+    if report.rewritten or report.skipped or state.eager_checkpoints:
         return
     graphs = [module.graph for module in gm.modules() if isinstance(module, fx.GraphModule)]  # with HOP bodies
     linears = sorted({passes.layer_name(node) for graph in graphs for node in graph.nodes if _is_linear(node)})
@@ -159,32 +162,38 @@ def _warn_if_not_adapted(report: PassReport, gm: fx.GraphModule, state: _Warning
             len(linears), ", ".join(linears[:3]), ", ..." if len(linears) > 3 else "")
 
 
-# Dynamo's hint for this graph break names the setting; its presence among the graph breaks is the sign.
-_CHECKPOINT_SIDE_EFFECTS = "skip_fwd_side_effects_in_bwd_under_checkpoint"
-
-
-def _warn_if_checkpoints_ran_eagerly(state: _Warnings) -> bool:
-    """WARNING, once until torch.compiler.reset(), when Dynamo ran activation-checkpointed regions eagerly
-    because they change Python state (transformers >= 5.25 sets a context variable in every attention
-    forward): the MiSS layers inside are neither compiled nor rewritten, and no graph of theirs reaches
-    this backend, so only Dynamo's graph-break record tells. Returns whether that is the case."""
-    if getattr(torch._dynamo.config, _CHECKPOINT_SIDE_EFFECTS, True):
-        return False  # on (or a torch without the setting): such regions are traced
-    # Dynamo's graph breaks since torch.compiler.reset(), this one's included.
-    breaks = getattr(torch._dynamo.utils, "graph_break_reasons", [])
-    if not any(_CHECKPOINT_SIDE_EFFECTS in str(getattr(item, "reason", "")) for item in breaks):
-        return False
-    if ("checkpoint side effects",) not in state.said:
-        state.said.add(("checkpoint side effects",))
+def _warn_if_checkpoints_ran_eagerly(state: _Warnings) -> None:
+    """WARNING, once until torch.compiler.reset(), when a graph break recorded since this backend last
+    looked fell inside an activation checkpoint: Dynamo then runs the whole checkpointed region eagerly,
+    and no graph of it reaches a backend, so the MiSS layers inside are neither compiled nor rewritten
+    with nothing else to say so. A reset Dynamo did not tell this backend about (it tells only backends
+    of compiles made since the previous reset) is seen in the record and starts afresh too."""
+    fresh, reset = state.breaks.fresh()
+    if reset:
+        state.clear()
+    side_effects = [item for item in fresh if graph_breaks.side_effect_in_checkpoint(item)]
+    others = [item for item in fresh
+              if graph_breaks.inside_checkpoint(item) and not graph_breaks.side_effect_in_checkpoint(item)]
+    if side_effects and ("checkpoint", "side effects") not in state.said:
+        state.said.add(("checkpoint", "side effects"))
         logger.warning(
             "miss_backend: Dynamo ran activation-checkpointed regions eagerly because their forward changes "
             "Python state (gradient checkpointing on transformers >= 5.25 does: its attention forward sets a "
             "context variable), so the MiSS layers inside are neither compiled nor rewritten: right numbers, "
             "eager speed. Set torch._dynamo.config.%s = True before compiling (and torch.compiler.reset() if "
-            "this model was compiled already): Dynamo then traces those regions and does not re-run their Python "
-            "side effects in the backward's recompute (transformers' set-and-reset needs no re-run).",
-            _CHECKPOINT_SIDE_EFFECTS)
-    return True
+            "this model was compiled already): Dynamo then traces those regions and does not re-run Python "
+            "side effects of checkpointed forwards in the backward's recompute (a process-wide setting; "
+            "transformers' set-and-reset needs no re-run).", graph_breaks.CHECKPOINT_SIDE_EFFECTS)
+    if others and ("checkpoint", "break") not in state.said:
+        state.said.add(("checkpoint", "break"))
+        logger.warning(
+            "miss_backend: Dynamo ran activation-checkpointed regions eagerly: a graph break inside one (%s) "
+            "makes it run the whole region eagerly, so the MiSS layers inside are neither compiled nor rewritten: "
+            "right numbers, eager speed. transformers 5.25 breaks there when output_hidden_states or "
+            "output_attentions is asked for under gradient checkpointing (its output capture reads a "
+            "ContextVar): leave those off in training steps. TORCH_LOGS=graph_breaks shows every break.",
+            graph_breaks.describe(others[0]))
+    state.eager_checkpoints = state.eager_checkpoints or bool(side_effects or others)
 
 
 def _is_linear(node: fx.Node) -> bool:
@@ -213,8 +222,8 @@ def make_backend(merge: bool = False, config_patches: dict[str, Any] | None = No
         # torch.compile(..., mode=, options=) reach a custom backend as these keywords (when not default).
         all_patches = {**patches, **inductor_options(mode, options)}
         report = graph_pass.rewrite(gm)
-        eager_checkpoints = _warn_if_checkpoints_ran_eagerly(warnings)
-        _warn_if_not_adapted(report, gm, warnings, eager_checkpoints)
+        _warn_if_checkpoints_ran_eagerly(warnings)
+        _warn_if_not_adapted(report, gm, warnings)
         if merge and any(item.merged for item in report.rewritten):
             _warn_unless_parameters_are_constants(backend)
         # Freezing from make_backend, options= or the global config: parameters are constants from here on.

@@ -1,6 +1,7 @@
 """torch.compile as users call it: every mode and options= pass through to Inductor, and a compile that
 adapts nothing (or leaves MiSS layers untouched) says so once at WARNING, while a full rewrite is quiet."""
 
+import contextvars
 import copy
 import logging
 
@@ -184,10 +185,22 @@ class _SideEffectingCheckpoint(nn.Module):
         return self.head(torch.utils.checkpoint.checkpoint(self.region, x, use_reentrant=False))
 
 
-def _train_step_checkpointed(caplog) -> tuple[nn.Module, object]:
-    """One compiled training step of adapted layers inside a side-effecting checkpoint; gradients equal eager's."""
+_CAPTURE = contextvars.ContextVar("capture", default=None)
+
+
+class _CapturingCheckpoint(_SideEffectingCheckpoint):
+    """A checkpointed forward that reads a ContextVar, as transformers 5.25's output capture does under
+    output_hidden_states: a graph break inside the checkpoint, whatever the setting."""
+
+    def region(self, x: torch.Tensor) -> torch.Tensor:
+        _CAPTURE.get()
+        return self.body(x)
+
+
+def _train_step_checkpointed(caplog, model_class: type = _SideEffectingCheckpoint) -> tuple[nn.Module, object]:
+    """One compiled training step of adapted layers inside a checkpoint; gradients equal eager's."""
     torch.manual_seed(0)
-    model = peft.get_peft_model(_SideEffectingCheckpoint(), peft.MissConfig(r=4, target_modules=["up", "down"]))
+    model = peft.get_peft_model(model_class(), peft.MissConfig(r=4, target_modules=["up", "down"]))
     for layer in named_miss_layers(model).values():
         layer.miss_block["default"].data.normal_(0, 0.1)
     reference = copy.deepcopy(model)
@@ -223,6 +236,42 @@ def test_checkpointed_regions_with_the_setting_are_rewritten(caplog):
         "base_model.model.body.down", "base_model.model.body.up"]
     assert _warnings(caplog) == []
     assert _KERNELS.value is None  # set and reset, as in eager
+
+
+def test_a_graph_break_inside_a_checkpoint_warns_naming_it(caplog):
+    torch.compiler.reset()
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        _, backend = _train_step_checkpointed(caplog, _CapturingCheckpoint)
+    assert sum(len(report.rewritten) for report in backend.graph_pass.reports) == 0  # the layers ran eagerly
+    messages = _warnings(caplog)
+    assert len(messages) == 1, messages
+    assert "a graph break inside one (" in messages[0] and "test_compile_ux.py:" in messages[0]
+    assert "output_hidden_states" in messages[0] and "TORCH_LOGS=graph_breaks" in messages[0]
+
+
+def test_every_reset_warns_again_even_one_dynamo_does_not_tell_the_backend_about(caplog):
+    """torch.compiler.reset() calls backend.reset only for compiles made since the previous reset; the
+    emptied graph-break record tells the backend of the others."""
+    compiled = torch.compile(_SideEffectingCheckpoint(), backend=make_backend())
+    x = torch.randn(2, 12)
+    with (torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=False),
+          caplog.at_level(logging.WARNING, logger="miss_compile")):
+        for _ in range(3):
+            torch.compiler.reset()
+            compiled(x).sum().backward()
+            compiled(x).sum().backward()  # no new break: no second warning
+    assert sum("checkpointed regions eagerly" in message for message in _warnings(caplog)) == 3
+
+
+def test_a_later_backend_is_not_told_of_earlier_eager_checkpoints(caplog):
+    torch.compiler.reset()
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=False):
+        _train_step_checkpointed(caplog)
+    with caplog.at_level(logging.WARNING, logger="miss_compile"), torch.no_grad():
+        torch.compile(TwoLinears().eval(), backend=make_backend())(torch.randn(2, 12))
+    messages = _warnings(caplog)
+    assert len(messages) == 2, messages
+    assert "checkpointed regions eagerly" in messages[0] and "no MiSS layer among the 2 Linear" in messages[1]
 
 
 def test_a_graph_without_linears_is_quiet(caplog):
