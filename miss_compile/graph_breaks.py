@@ -9,6 +9,8 @@ checkpoint is the case that matters: a break anywhere inside one runs the whole 
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 __all__ = ["CHECKPOINT_SIDE_EFFECTS", "BreakLog", "side_effect_in_checkpoint", "inside_checkpoint", "describe"]
@@ -47,12 +49,17 @@ def side_effect_in_checkpoint(item: object) -> bool:
     return CHECKPOINT_SIDE_EFFECTS in str(getattr(item, "reason", ""))
 
 
+# A call of something named for checkpointing: `checkpoint(`, `self._gradient_checkpointing_func(`.
+_CHECKPOINT_CALL = re.compile(r"\w*checkpoint\w*\s*\(")
+
+
 def inside_checkpoint(item: object) -> bool:
-    """The break happened in code called through an activation checkpoint: a caller on its stack
-    calls one (transformers' forward_with_checkpointing, `torch.utils.checkpoint.checkpoint(...)`).
-    Read from names and source lines: it picks a warning's words, never a rewrite."""
+    """The break happened in code called through an activation checkpoint: a caller's line on its stack
+    calls one (`torch.utils.checkpoint.checkpoint(...)`, transformers' `self._gradient_checkpointing_func(
+    ...)`). Lines, not function names: transformers' `forward_with_checkpointing` wraps every decoder
+    layer, checkpointing or not. Read from source: it picks a warning's words, never a rewrite."""
     callers = list(getattr(item, "user_stack", []))[:-1]
-    return any("checkpoint" in (frame.name or "") or "checkpoint" in (frame.line or "") for frame in callers)
+    return any(_CHECKPOINT_CALL.search(frame.line or "") for frame in callers)
 
 
 def describe(item: object) -> str:

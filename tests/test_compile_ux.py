@@ -249,6 +249,31 @@ def test_a_graph_break_inside_a_checkpoint_warns_naming_it(caplog):
     assert "output_hidden_states" in messages[0] and "TORCH_LOGS=graph_breaks" in messages[0]
 
 
+def _as_transformers_wraps(forward):
+    """transformers 5.25 wraps every decoder layer's forward in `forward_with_checkpointing`, which calls
+    it directly when checkpointing is off: a break under it is no checkpoint's."""
+
+    def forward_with_checkpointing(self, *args):
+        return forward(self, *args)
+
+    return forward_with_checkpointing
+
+
+class _LayerWrapperWithoutCheckpointing(_CapturingCheckpoint):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.region(x))
+
+    forward = _as_transformers_wraps(forward)
+
+
+def test_a_graph_break_outside_any_checkpoint_is_not_called_one(caplog):
+    torch.compiler.reset()
+    model = peft.get_peft_model(_LayerWrapperWithoutCheckpointing(), peft.MissConfig(r=4, target_modules=["up", "down"]))
+    with caplog.at_level(logging.WARNING, logger="miss_compile"):
+        torch.compile(model.eval(), backend=make_backend())(torch.randn(2, 12))
+    assert not any("checkpointed regions" in message for message in _warnings(caplog)), _warnings(caplog)
+
+
 def test_every_reset_warns_again_even_one_dynamo_does_not_tell_the_backend_about(caplog):
     """torch.compiler.reset() calls backend.reset only for compiles made since the previous reset; the
     emptied graph-break record tells the backend of the others."""
