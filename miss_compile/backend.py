@@ -119,13 +119,21 @@ class _Warnings:
 
     said: set[tuple] = field(default_factory=set)
     adapted: set[str] = field(default_factory=set)
-    eager_checkpoints: bool = False
     breaks: graph_breaks.BreakLog = field(default_factory=graph_breaks.BreakLog)
 
     def clear(self) -> None:
         self.said.clear()
         self.adapted.clear()
-        self.eager_checkpoints = False
+
+    @property
+    def eager_checkpoints(self) -> bool:
+        """Whether _warn_if_checkpoints_ran_eagerly said so since the last reset."""
+        return any(key[0] == "checkpoint" for key in self.said)
+
+    def warn_once(self, key: tuple, message: str, *args: object) -> None:
+        if key not in self.said:
+            self.said.add(key)
+            logger.warning(message, *args)
 
 
 def _warn_if_not_adapted(report: PassReport, gm: fx.GraphModule, state: _Warnings) -> None:
@@ -174,9 +182,9 @@ def _warn_if_checkpoints_ran_eagerly(state: _Warnings) -> None:
     side_effects = [item for item in fresh if graph_breaks.side_effect_in_checkpoint(item)]
     others = [item for item in fresh
               if graph_breaks.inside_checkpoint(item) and not graph_breaks.side_effect_in_checkpoint(item)]
-    if side_effects and ("checkpoint", "side effects") not in state.said:
-        state.said.add(("checkpoint", "side effects"))
-        logger.warning(
+    if side_effects:
+        state.warn_once(
+            ("checkpoint", "side effects"),
             "miss_backend: Dynamo ran activation-checkpointed regions eagerly because their forward changes "
             "Python state (gradient checkpointing on transformers >= 5.25 does: its attention forward sets a "
             "context variable), so the MiSS layers inside are neither compiled nor rewritten: right numbers, "
@@ -184,16 +192,15 @@ def _warn_if_checkpoints_ran_eagerly(state: _Warnings) -> None:
             "this model was compiled already): Dynamo then traces those regions and does not re-run Python "
             "side effects of checkpointed forwards in the backward's recompute (a process-wide setting; "
             "transformers' set-and-reset needs no re-run).", graph_breaks.CHECKPOINT_SIDE_EFFECTS)
-    if others and ("checkpoint", "break") not in state.said:
-        state.said.add(("checkpoint", "break"))
-        logger.warning(
+    if others:
+        state.warn_once(
+            ("checkpoint", "break"),
             "miss_backend: Dynamo ran activation-checkpointed regions eagerly: a graph break inside one (%s) "
             "makes it run the whole region eagerly, so the MiSS layers inside are neither compiled nor rewritten: "
             "right numbers, eager speed. transformers 5.25 breaks there when output_hidden_states or "
             "output_attentions is asked for under gradient checkpointing (its output capture reads a "
             "ContextVar): leave those off in training steps. TORCH_LOGS=graph_breaks shows every break.",
             graph_breaks.describe(others[0]))
-    state.eager_checkpoints = state.eager_checkpoints or bool(side_effects or others)
 
 
 def _is_linear(node: fx.Node) -> bool:

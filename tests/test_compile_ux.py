@@ -168,11 +168,8 @@ class _ActiveKernels:
 _KERNELS = _ActiveKernels()
 
 
-class _SideEffectingCheckpoint(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = TwoLinears()
-        self.head = nn.Linear(8, 5)
+class _SideEffectingCheckpoint(_BreakBeforeHead):
+    """Adapted layers in a checkpoint that sets and resets Python state, then a plain head."""
 
     def region(self, x: torch.Tensor) -> torch.Tensor:
         token = _KERNELS.set({"attention": self.body.forward})  # not a constant: Dynamo cannot check its restoring
